@@ -1,0 +1,489 @@
+"""Typed configuration: the dataclasses below are the single source of truth for every key, default and check.
+
+A YAML file (``safe_load``) and ``--set section.key=value`` overrides are merged onto the defaults, key by key, so a
+partial file such as ``phase1: {num_epochs: 2}`` is a complete config. Unknown keys, wrong types and impossible values
+raise :class:`~distill.errors.ConfigError` with one line naming the file, line and key (and the closest valid key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from distill.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "infly/inf-retriever-v1-pro"
+    student: str = "sentence-transformers/all-mpnet-base-v2"
+    teacher_dim: int = 3584
+    student_dim: int = 768
+    projection_hidden_dim: int = 1536
+    use_projection: bool = True
+    model_name: str | None = None  # None: distilled-{student family}-{output dim}d
+    teacher_revision: str | None = None
+    student_revision: str | None = None
+    trust_remote_code: bool = False
+    teacher_pooling: Literal["auto", "mean", "cls", "last_token"] = "auto"
+    teacher_normalize: bool | None = None  # None: from the teacher's sentence-transformers config (else true)
+    teacher_query_prompt: str | None = None  # None: the teacher's saved "query" prompt (else none)
+    teacher_document_prompt: str | None = None
+    teacher_max_length: int | None = None  # None: the phase's max_length
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    teacher_batch_size: int = 32
+    matryoshka_dims: list[int] = field(default_factory=lambda: [768, 512, 256, 128, 64])
+    matryoshka_weights: list[float] | None = None  # None: all 1
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: sdpa where supported
+
+    def validate(self) -> None:
+        _positive(self, "teacher_dim", "student_dim", "projection_hidden_dim", "teacher_batch_size")
+        if self.teacher_max_length is not None:
+            _positive(self, "teacher_max_length")
+        if not self.use_projection:
+            dims = self.matryoshka_dims
+            if not dims:
+                raise ConfigError("model.matryoshka_dims: MRL mode (use_projection: false) needs at least one dim")
+            if any(d < 1 or d > self.student_dim for d in dims):
+                raise ConfigError(f"model.matryoshka_dims: every dim must be in 1..student_dim={self.student_dim}, got {dims}")
+            if sorted(set(dims), reverse=True) != dims:
+                raise ConfigError(f"model.matryoshka_dims: must be strictly decreasing, got {dims}")
+            if self.matryoshka_weights is not None:
+                if len(self.matryoshka_weights) != len(dims):
+                    raise ConfigError("model.matryoshka_weights: needs one weight per entry of model.matryoshka_dims")
+                if any(w < 0 for w in self.matryoshka_weights) or sum(self.matryoshka_weights) <= 0:
+                    raise ConfigError("model.matryoshka_weights: weights must be >= 0 and not all 0")
+
+    @property
+    def output_dim(self) -> int:
+        return self.teacher_dim if self.use_projection else self.student_dim
+
+
+@dataclass
+class PhaseCommon:
+    batch_size: int = 64
+    learning_rate: float = 2.0e-5
+    warmup_steps: int = 1000
+    num_epochs: int = 1
+    mse_weight: float = 0.4
+    max_length: int = 512
+    gradient_accumulation_steps: int = 4
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_steps: int | None = None  # stop the phase after this many optimizer steps (None: the epochs decide)
+
+    def validate(self, section: str) -> None:
+        _positive(self, "batch_size", "learning_rate", "num_epochs", "max_length", "gradient_accumulation_steps",
+                  section=section)
+        _non_negative(self, "warmup_steps", "mse_weight", "weight_decay", "max_grad_norm", section=section)
+        if self.max_steps is not None:
+            _positive(self, "max_steps", section=section)
+
+
+@dataclass
+class Phase1Config(PhaseCommon):
+    cosine_weight: float = 0.6
+    max_samples_per_dataset: int | None = 100000
+
+    def validate(self, section: str = "phase1") -> None:
+        super().validate(section)
+        _non_negative(self, "cosine_weight", section=section)
+        if self.mse_weight + self.cosine_weight <= 0:
+            raise ConfigError("phase1: mse_weight + cosine_weight must be > 0 (the loss would be 0)")
+        if self.max_samples_per_dataset is not None:
+            _positive(self, "max_samples_per_dataset", section=section)
+
+
+@dataclass
+class Phase2Config(PhaseCommon):
+    learning_rate: float = 5.0e-6
+    warmup_steps: int = 500
+    num_epochs: int = 3
+    infonce_weight: float = 0.8
+    mse_weight: float = 0.2
+    temperature: float = 0.02
+    num_negatives: int = 7
+    gradient_accumulation_steps: int = 8
+    max_samples: int | None = 500000
+    gather_across_ranks: bool = True  # every query sees every rank's documents as candidates
+    cached_infonce: bool = False  # GradCache: large contrastive batch, activation memory of one mini-batch
+    mini_batch_size: int = 32  # texts per forward chunk when cached_infonce is on
+
+    def validate(self, section: str = "phase2") -> None:
+        super().validate(section)
+        _positive(self, "temperature", "mini_batch_size", section=section)
+        _non_negative(self, "infonce_weight", "num_negatives", section=section)
+        if self.infonce_weight + self.mse_weight <= 0:
+            raise ConfigError("phase2: infonce_weight + mse_weight must be > 0 (the loss would be 0)")
+        if self.max_samples is not None:
+            _positive(self, "max_samples", section=section)
+
+
+@dataclass
+class TrainingConfig:
+    skip_phase1: bool = False
+    skip_phase2: bool = False
+    save_to_artifacts: bool = False
+    seed: int = 42
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype of the student forward
+    save_steps: int = 500  # checkpoint every N optimizer steps (0: only at phase ends)
+    keep_last: int = 2
+    logging_steps: int = 10
+    max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite losses or gradients
+    dist_timeout_s: float = 1800.0  # a collective waiting longer than this on a dead rank fails the run
+    compile: bool = False  # torch.compile the student
+    num_threads: int | None = None  # torch intra-op threads per rank on CPU (None: torch's default)
+
+    def validate(self) -> None:
+        if self.skip_phase1 and self.skip_phase2:
+            raise ConfigError("training: skip_phase1 and skip_phase2 are both true, nothing would be trained")
+        _non_negative(self, "save_steps", section="training")
+        _positive(self, "keep_last", "logging_steps", "max_nonfinite_steps", "dist_timeout_s", section="training")
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "./checkpoints"
+    artifacts_dir: str = "./artifacts"
+    cache_dir: str | None = None  # teacher embeddings and prepared data; None: {output_dir}/cache
+
+
+@dataclass
+class SourceConfig:
+    path: str = ""  # Hub dataset id, or a local file/folder (jsonl, csv, parquet)
+    name: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    format: Literal["auto", "jsonl", "csv", "parquet", "hub"] = "auto"
+    query_columns: list[str] = field(default_factory=list)
+    document_columns: list[str] = field(default_factory=list)
+    query_column: str | None = None
+    positive_column: str | None = None
+    negative_columns: list[str] | None = None
+    max_samples: int | None = None
+
+    def validate(self, section: str = "data") -> None:
+        if not self.path:
+            raise ConfigError(f"{section}.path: every data source needs a path (Hub dataset id or local file)")
+        if self.max_samples is not None:
+            _positive(self, "max_samples", section=section)
+
+
+def _default_phase1_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(path="sentence-transformers/msmarco-msmarco-distilbert-base-tas-b", name="msmarco",
+                     subset="triplet", query_columns=["query"], document_columns=["positive"]),
+        SourceConfig(path="sentence-transformers/natural-questions", name="natural-questions", subset="pair",
+                     query_columns=["query"], document_columns=["answer"]),
+        SourceConfig(path="sentence-transformers/hotpotqa", name="hotpotqa", subset="triplet",
+                     query_columns=["anchor"], document_columns=["positive"]),
+    ]
+
+
+def _default_phase2_sources() -> list[SourceConfig]:
+    return [
+        SourceConfig(path="sentence-transformers/msmarco-msmarco-distilbert-base-tas-b", name="msmarco-hard-negatives",
+                     subset="triplet-50", query_column="query", positive_column="positive",
+                     negative_columns=None),
+    ]
+
+
+@dataclass
+class DataConfig:
+    phase1: list[SourceConfig] = field(default_factory=_default_phase1_sources)
+    phase2: list[SourceConfig] = field(default_factory=_default_phase2_sources)
+    on_bad_row: Literal["error", "skip"] = "error"
+    fill_negatives: Literal["error", "random"] = "error"
+    length_pool_batches: int = 64
+
+    def validate(self) -> None:
+        _positive(self, "length_pool_batches", section="data")
+        for phase in ("phase1", "phase2"):
+            for i, src in enumerate(getattr(self, phase)):
+                src.validate(section=f"data.{phase}[{i}]")
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True  # false: run the teacher inside the training loop on every batch
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    shard_size: int = 4096
+
+    def validate(self) -> None:
+        _positive(self, "shard_size", section="cache")
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None  # a BEIR folder; None disables evaluation during training
+    split: str = "test"
+    every_n_steps: int = 0  # 0: only at the end of each phase
+    batch_size: int = 64
+    dims: list[int] | None = None  # MRL dims to report (None: model.matryoshka_dims in MRL mode)
+
+    def validate(self) -> None:
+        _non_negative(self, "every_n_steps", section="eval")
+        _positive(self, "batch_size", section="eval")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    config_name: str = "default"  # the YAML file's stem; not a YAML key
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.phase1.validate()
+        self.phase2.validate()
+        self.training.validate()
+        self.data.validate()
+        self.cache.validate()
+        self.eval.validate()
+
+    # ---- derived names and paths ----
+    @property
+    def model_name(self) -> str:
+        if self.model.model_name:
+            return self.model.model_name
+        return f"distilled-{student_family(self.model.student)}-{self.model.output_dim}d"
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.model_name}-{self.config_name}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.paths.output_dir) / self.experiment
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.paths.cache_dir) if self.paths.cache_dir else Path(self.paths.output_dir) / "cache"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return Path(self.paths.artifacts_dir) / self.experiment
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("config_name")
+        return out
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "config_name")
+
+
+def student_family(student: str) -> str:
+    """``sentence-transformers/all-mpnet-base-v2`` -> ``mpnet``; ``models/all-MiniLM-L6-v2`` -> ``minilm``."""
+    base = Path(student.rstrip("/")).name.lower()
+    base = re.sub(r"^all-", "", base)
+    return re.split(r"[-_]", base)[0] or base
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (YAML) and ``overrides`` (``section.key=value``, value parsed as YAML) into a validated Config."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+            raw = yaml.safe_load(text)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
+        lines = _key_lines(text)
+        cfg = _build(Config, raw, prefix="", origin=str(path), lines=lines)
+        cfg.config_name = path.stem
+    for item in overrides:
+        cfg = _apply_override(cfg, item)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    return cfg
+
+
+def _apply_override(cfg: Config, item: str) -> Config:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected section.key=value")
+    dotted, value_text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    nested: Any = value
+    for k in reversed(keys):
+        nested = {k: nested}
+    merged = _merge(cfg.to_dict(), nested)
+    new = _build(Config, merged, prefix="", origin=f"--set {item}", lines={})
+    new.config_name = cfg.config_name
+    return new
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML text to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*prefix, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*prefix, str(i)))
+
+    walk(root, ())
+    return lines
+
+
+def _where(origin: str, lines: dict[tuple[str, ...], int], key_path: tuple[str, ...]) -> str:
+    line = lines.get(key_path)
+    return f"{origin}:{line}" if line else origin
+
+
+def _build(cls: type, raw: Any, prefix: str, origin: str, lines: dict[tuple[str, ...], int]) -> Any:
+    """Instantiate dataclass ``cls`` from the mapping ``raw``; missing keys take the dataclass defaults."""
+    path = tuple(p for p in prefix.split(".") if p) if prefix else ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{_where(origin, lines, path)}: {prefix or 'config'} must be a mapping, got {_tname(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "config_name"}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{_where(origin, lines, (*path, key))}: unknown key '{dotted}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, dotted, origin, lines, (*path, key))
+    return cls(**kwargs)
+
+
+def _tname(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _coerce(tp: Any, value: Any, dotted: str, origin: str, lines: dict, key_path: tuple[str, ...]) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, bool, str, Literal, list[...], X | None, dataclass)."""
+    where = _where(origin, lines, key_path)
+    origin_tp = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin_tp in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, dotted, origin, lines, key_path)
+    if value is None:
+        raise ConfigError(f"{where}: {dotted} must not be null")
+    if origin_tp is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: {dotted} must be one of {', '.join(map(str, args))}, got {value!r}{hint}")
+        return value
+    if origin_tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {dotted} must be a list, got {_tname(value)}")
+        return [_coerce(args[0], v, f"{dotted}[{i}]", origin, lines, (*key_path, str(i))) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted, origin, lines)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {dotted} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: {dotted} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {dotted} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-5" (no dot) as a string: accept numeric text rather than fail on YAML 1.1's rule.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {dotted} must be a number, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {dotted} must be a string, got {_tname(value)} {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {dotted}")  # a bug in this module, not user input
+
+
+def _positive(obj: Any, *names: str, section: str | None = None) -> None:
+    sec = section or _section_of(obj)
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{sec}.{name} must be > 0, got {value}")
+
+
+def _non_negative(obj: Any, *names: str, section: str | None = None) -> None:
+    sec = section or _section_of(obj)
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or value < 0:
+            raise ConfigError(f"{sec}.{name} must be >= 0, got {value}")
+
+
+def _section_of(obj: Any) -> str:
+    return {ModelConfig: "model", TrainingConfig: "training", PathsConfig: "paths"}.get(type(obj), type(obj).__name__)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what was really run), loadable by :func:`load_config`."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

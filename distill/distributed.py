@@ -1,0 +1,156 @@
+"""Process-group setup and the few collectives the trainer needs.
+
+Everything here works in a plain single process too (no ``torchrun``): then rank is 0, world size 1,
+and every collective is the identity. Under ``torchrun`` the usual environment variables
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) select the process group;
+multi-node rendezvous is torchrun's job, not ours.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def env_world_size() -> int:
+    """World size announced by torchrun (1 when launched as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun prepared, pick the device, and return this rank's :class:`DistInfo`.
+
+    ``backend=None`` picks NCCL when CUDA is available and gloo otherwise. ``timeout_s`` bounds how long a
+    collective waits for a dead peer before raising, so a killed rank makes the others exit instead of hanging.
+    """
+    global _INFO
+    world_size = env_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    _INFO = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return _INFO
+
+
+def get_info() -> DistInfo:
+    """The :class:`DistInfo` of this process (rank 0 of 1 on CPU before :func:`init_distributed`)."""
+    return _INFO
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main() -> bool:
+    return _INFO.rank == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum ``value`` over ranks (returned as a new tensor; the input is untouched)."""
+    out = value.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    out = value.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank and return it everywhere."""
+    if not is_distributed():
+        return obj
+    holder = [obj if _INFO.rank == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the *sum over ranks* of the gradient of its slice.
+
+    Every rank's loss uses every rank's rows, so the gradient of a local row is the sum of the gradients
+    that all ranks' losses send to it; an all-reduce of the full gradient followed by taking the local
+    slice computes exactly that (and, unlike reduce-scatter, is supported by gloo).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` [n, ...] of every rank along dim 0 -> [world*n, ...]; gradients flow back to every rank.
+
+    All ranks must pass the same shape. Note that DDP then *averages* parameter gradients over ranks, so a
+    loss that is a mean over the local rows gives the same gradients as one process on the whole batch.
+    """
+    if not is_distributed():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

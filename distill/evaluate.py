@@ -1,0 +1,594 @@
+"""Retrieval evaluation of a student (and its teacher) on a BEIR-format held-out set.
+
+Pipeline: read a BEIR folder -> encode queries and documents -> exact cosine top-k search -> nDCG@10, MRR@10,
+Recall@10, Recall@100 with ``pytrec_eval`` (the reference trec_eval implementation) -> a settings table
+(teacher->teacher, student->student per dim, student->teacher "drop-in") with retention against the teacher.
+
+Also usable from the command line::
+
+    python -m distill.evaluate --model PATH --data BEIR_FOLDER [--teacher ID_OR_PATH] [--dims 768,256,64]
+        [--split test] [--batch-size 64] [--out DIR] [--trust-remote-code]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytrec_eval
+import torch
+import torch.nn.functional as F
+
+from distill import distributed
+from distill.errors import ConfigError, DataError, DistillError
+
+logger = logging.getLogger(__name__)
+
+EncodeFn = Callable[[list[str], str], torch.Tensor]
+"""(texts, role "query" | "document") -> float32 embeddings [len(texts), d]."""
+
+Qrels = dict[str, dict[str, int]]
+METRICS: tuple[str, ...] = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
+SEARCH_DEPTH = 100  # the deepest cut-off among METRICS
+TEACHER_TEACHER, STUDENT_STUDENT, STUDENT_TEACHER = "teacher->teacher", "student->student", "student->teacher"
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BEIR reader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BeirData:
+    """A BEIR split: ``queries`` keeps only the queries that have qrels (in ``queries.jsonl`` order)."""
+
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: Qrels
+
+
+def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{_id: {key: str}}`` from a JSON-lines file; any bad line is a :class:`DataError` naming file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows: dict[str, dict[str, str]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+            doc_id = obj.get("_id")
+            if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
+                raise DataError(f"{path}:{line_no}: missing or invalid '_id'")
+            doc_id = str(doc_id)
+            if doc_id in rows:
+                raise DataError(f"{path}:{line_no}: duplicate _id {doc_id!r}")
+            fields = {}
+            for key in text_keys:
+                value = obj.get(key, "")
+                if value is None:
+                    value = ""
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{line_no}: '{key}' must be a string, got {type(value).__name__}")
+                fields[key] = value
+            rows[doc_id] = fields
+    return rows
+
+
+def _read_qrels(path: Path) -> tuple[Qrels, dict[str, int]]:
+    """``({query_id: {corpus_id: score}}, {query_id: first line number})`` from a BEIR qrels TSV."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    qrels: Qrels = {}
+    first_line: dict[str, int] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if line_no == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
+                continue  # header
+            if len(parts) != 3:
+                raise DataError(
+                    f"{path}:{line_no}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+                    f"got {len(parts)}"
+                )
+            qid, did, score_text = (p.strip() for p in parts)
+            if not qid or not did:
+                raise DataError(f"{path}:{line_no}: empty query-id or corpus-id")
+            try:
+                score = int(score_text)
+            except ValueError:
+                raise DataError(f"{path}:{line_no}: score {score_text!r} is not an integer") from None
+            qrels.setdefault(qid, {})[did] = score
+            first_line.setdefault(qid, line_no)
+    return qrels, first_line
+
+
+def read_beir(folder: str | Path, split: str = "test") -> BeirData:
+    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv`` of a BEIR folder.
+
+    Document text is ``title + " " + text`` when the title is non-empty. Only queries with qrels are kept; a qrels
+    query missing from ``queries.jsonl`` is a :class:`DataError` naming the qrels line.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: BEIR folder not found")
+    corpus_rows = _read_jsonl(folder / "corpus.jsonl", ("title", "text"))
+    query_rows = _read_jsonl(folder / "queries.jsonl", ("text",))
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    qrels, first_line = _read_qrels(qrels_path)
+    if not qrels:
+        raise DataError(f"{qrels_path}: no qrels")
+    for qid, line_no in first_line.items():
+        if qid not in query_rows:
+            raise DataError(f"{qrels_path}:{line_no}: query-id {qid!r} is not in {folder / 'queries.jsonl'}")
+    missing_docs = {d for judged in qrels.values() for d in judged} - corpus_rows.keys()
+    if missing_docs:
+        logger.warning("%s: %d judged corpus-ids are not in corpus.jsonl", qrels_path, len(missing_docs))
+    corpus = {did: _join_title(row["title"], row["text"]) for did, row in corpus_rows.items()}
+    queries = {qid: row["text"] for qid, row in query_rows.items() if qid in qrels}
+    return BeirData(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def _join_title(title: str, text: str) -> str:
+    title = title.strip()
+    return f"{title} {text}".strip() if title else text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact search and metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def exact_search(
+    query_emb: torch.Tensor,
+    doc_emb: torch.Tensor,
+    k: int,
+    chunk_size: int = 16384,
+    query_chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` documents by cosine similarity for every query.
+
+    ``s[i, j] = <q_i/|q_i|, d_j/|d_j|>``; returns ``(scores [q, k'], indices [q, k'])`` sorted by descending score,
+    with ``k' = min(k, n)``, computed in at least float32. Queries are processed ``query_chunk_size`` at a time and
+    documents ``chunk_size`` at a time with a running top-k, so the extra memory is
+    ``O(query_chunk_size * (chunk_size + k))`` whatever ``n`` is (documents are normalised per chunk; the full
+    normalised matrix is never built). Computation runs on ``query_emb.device``; ``doc_emb`` may live elsewhere
+    (e.g. CPU) and is moved chunk by chunk.
+    """
+    if query_emb.ndim != 2 or doc_emb.ndim != 2 or query_emb.shape[1] != doc_emb.shape[1]:
+        raise ValueError(
+            f"exact_search needs [q, d] and [n, d], got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}"
+        )
+    if k < 1 or chunk_size < 1 or query_chunk_size < 1:
+        raise ValueError("k, chunk_size and query_chunk_size must be positive")
+    device = query_emb.device
+    # at least float32: half-precision inputs (e.g. a float16 teacher cache) are upcast chunk by chunk
+    dtype = torch.promote_types(torch.promote_types(query_emb.dtype, doc_emb.dtype), torch.float32)
+    n_queries, n_docs = query_emb.shape[0], doc_emb.shape[0]
+    k = min(k, n_docs)
+    all_scores = torch.empty(n_queries, k, dtype=dtype, device=device)
+    all_indices = torch.empty(n_queries, k, dtype=torch.long, device=device)
+    for q_start in range(0, n_queries, query_chunk_size):
+        q = F.normalize(query_emb[q_start : q_start + query_chunk_size].to(dtype), dim=-1)
+        best_scores = torch.full((q.shape[0], 0), float("-inf"), dtype=dtype, device=device)
+        best_indices = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
+        for d_start in range(0, n_docs, chunk_size):
+            d = F.normalize(doc_emb[d_start : d_start + chunk_size].to(device=device, dtype=dtype), dim=-1)
+            sims = q @ d.T  # [qc, dc]
+            top = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+            cand_scores = torch.cat([best_scores, top.values], dim=1)
+            cand_indices = torch.cat([best_indices, top.indices + d_start], dim=1)
+            keep = torch.topk(cand_scores, min(k, cand_scores.shape[1]), dim=1)
+            best_scores, best_indices = keep.values, torch.gather(cand_indices, 1, keep.indices)
+        all_scores[q_start : q_start + q.shape[0]] = best_scores
+        all_indices[q_start : q_start + q.shape[0]] = best_indices
+    return all_scores, all_indices
+
+
+def build_run(
+    query_ids: Sequence[str], doc_ids: Sequence[str], scores: torch.Tensor, indices: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """A trec run ``{query_id: {doc_id: score}}`` from :func:`exact_search` output ([q, k] each)."""
+    scores_list, indices_list = scores.detach().cpu().tolist(), indices.detach().cpu().tolist()
+    return {
+        qid: {doc_ids[j]: float(s) for s, j in zip(row_scores, row_indices)}
+        for qid, row_scores, row_indices in zip(query_ids, scores_list, indices_list)
+    }
+
+
+def _cut(run: Mapping[str, Mapping[str, float]], depth: int) -> dict[str, dict[str, float]]:
+    """The ``depth`` best documents per query, ties broken as trec_eval does (doc id descending)."""
+    out = {}
+    for qid, docs in run.items():
+        ranked = sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)[:depth]
+        out[qid] = dict(ranked)
+    return out
+
+
+def per_query_metrics(
+    qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """``{query_id: {metric: value}}`` for every query in ``qrels`` (queries absent from ``run`` score 0).
+
+    With ``pytrec_eval``: nDCG@10 = ``ndcg_cut_10`` (graded gains), MRR@10 = ``recip_rank`` on the run cut to its
+    top 10, Recall@k = ``recall_k`` = |relevant in top k| / |relevant|.
+    """
+    qrels = {q: dict(d) for q, d in qrels.items()}
+    deep = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10,100"}).evaluate(dict(run))
+    shallow = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(_cut(run, 10))
+    out = {}
+    for qid in qrels:
+        d, s = deep.get(qid, {}), shallow.get(qid, {})
+        out[qid] = {
+            "ndcg@10": float(d.get("ndcg_cut_10", 0.0)),
+            "mrr@10": float(s.get("recip_rank", 0.0)),
+            "recall@10": float(d.get("recall_10", 0.0)),
+            "recall@100": float(d.get("recall_100", 0.0)),
+        }
+    return out
+
+
+def compute_metrics(
+    qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """:func:`per_query_metrics` averaged over the queries of ``qrels``."""
+    per_query = per_query_metrics(qrels, run)
+    if not per_query:
+        raise DataError("no queries with qrels to evaluate")
+    return {m: sum(v[m] for v in per_query.values()) / len(per_query) for m in METRICS}
+
+
+def retrieval_metrics(
+    query_emb: torch.Tensor,
+    doc_emb: torch.Tensor,
+    query_ids: Sequence[str],
+    doc_ids: Sequence[str],
+    qrels: Mapping[str, Mapping[str, int]],
+    dim: int | None = None,
+    chunk_size: int = 16384,
+) -> dict[str, float]:
+    """Metrics of cosine retrieval with the first ``dim`` coordinates (all when None), renormalised.
+
+    Truncation is a view; :func:`exact_search` renormalises chunk by chunk, which is exactly MRL's
+    "truncate then L2-normalise".
+    """
+    if dim is not None:
+        query_emb, doc_emb = query_emb[:, :dim], doc_emb[:, :dim]
+    scores, indices = exact_search(query_emb, doc_emb, SEARCH_DEPTH, chunk_size=chunk_size)
+    run = build_run(query_ids, doc_ids, scores, indices)
+    return compute_metrics({q: qrels[q] for q in query_ids}, run)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding and the settings table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of an eval set: ``queries`` [q, d] in ``query_ids`` order, ``documents`` [n, d] in ``doc_ids``
+    order (any float dtype and device; e.g. rows of the teacher cache)."""
+
+    query_ids: list[str]
+    doc_ids: list[str]
+    queries: torch.Tensor
+    documents: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return int(self.queries.shape[1])
+
+
+def _eval_ids(
+    queries: Mapping[str, str], corpus: Mapping[str, str], qrels: Mapping[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Ids evaluated: the queries that have qrels (in ``queries`` order) and the whole corpus."""
+    query_ids = [q for q in queries if q in qrels]
+    dropped = sum(1 for q in qrels if q not in queries)
+    if dropped:
+        logger.warning("%d qrels queries have no text and are not evaluated", dropped)
+    if not query_ids:
+        raise DataError("no queries with qrels to evaluate")
+    if not corpus:
+        raise DataError("the corpus is empty")
+    return query_ids, list(corpus)
+
+
+def _checked(emb: torch.Tensor, n: int, who: str) -> torch.Tensor:
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != n:
+        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise DistillError(f"{who} returned {shape}, expected a [{n}, dim] tensor")
+    return emb.float()
+
+
+@torch.no_grad()
+def encode_eval_set(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    qrels: Mapping[str, Any],
+    encode_query: EncodeFn,
+    encode_doc: EncodeFn | None = None,
+) -> Embeddings:
+    """Encode the evaluated queries (role "query") and the whole corpus (role "document") once."""
+    encode_doc = encode_doc or encode_query
+    query_ids, doc_ids = _eval_ids(queries, corpus, qrels)
+    q = _checked(encode_query([queries[i] for i in query_ids], "query"), len(query_ids), "query encoder")
+    d = _checked(encode_doc([corpus[i] for i in doc_ids], "document"), len(doc_ids), "document encoder")
+    if q.shape[1] != d.shape[1]:
+        raise DistillError(f"query embeddings have dim {q.shape[1]} but document embeddings dim {d.shape[1]}")
+    return Embeddings(query_ids=query_ids, doc_ids=doc_ids, queries=q, documents=d)
+
+
+def evaluate_retrieval(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    encode_query: EncodeFn,
+    encode_doc: EncodeFn,
+    dims: Sequence[int] | None = None,
+    chunk_size: int = 16384,
+) -> dict[str, dict[str, float]]:
+    """Encode, search and score: ``{str(dim): {metric: mean value}}`` for each (MRL-truncated) dim.
+
+    ``dims=None`` evaluates the full embedding only. Each dim must not exceed the embedding size.
+    """
+    emb = encode_eval_set(queries, corpus, qrels, encode_query, encode_doc)
+    dims = _check_dims(dims, emb.dim)
+    return {
+        str(dim): retrieval_metrics(emb.queries, emb.documents, emb.query_ids, emb.doc_ids, qrels, dim, chunk_size)
+        for dim in dims
+    }
+
+
+def _check_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
+    if not dims:
+        return [full_dim]
+    bad = [d for d in dims if not 1 <= int(d) <= full_dim]
+    if bad:
+        raise ConfigError(f"eval dims {bad} are outside 1..{full_dim} (the student's embedding dimension)")
+    return sorted({int(d) for d in dims}, reverse=True)
+
+
+def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str, float] | None) -> dict[str, Any]:
+    retention = None
+    if reference is not None:
+        retention = {m: (metrics[m] / reference[m] if reference[m] > 0 else None) for m in METRICS}
+    return {"setting": setting, "dim": dim, "metrics": metrics, "retention": retention}
+
+
+def _mean_cosine(student: Embeddings, teacher: Embeddings, chunk_size: int = 16384) -> dict[str, float]:
+    """Mean over texts of cos(student_i, teacher_i): separately for queries, documents, and over all texts.
+
+    Teacher rows are moved to the student's device one chunk at a time (the teacher matrix may be large).
+    """
+
+    def cosines(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        parts = [
+            F.cosine_similarity(
+                s[i : i + chunk_size].float(), t[i : i + chunk_size].to(device=s.device, dtype=torch.float32), dim=-1
+            )
+            for i in range(0, s.shape[0], chunk_size)
+        ]
+        return torch.cat(parts)
+
+    cos_q = cosines(student.queries, teacher.queries)
+    cos_d = cosines(student.documents, teacher.documents)
+    return {
+        "queries": float(cos_q.mean()),
+        "documents": float(cos_d.mean()),
+        "all": float(torch.cat([cos_q, cos_d]).mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate_settings(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    student: EncodeFn | Embeddings,
+    teacher: EncodeFn | Embeddings | None = None,
+    dims: Sequence[int] | None = None,
+    chunk_size: int = 16384,
+) -> dict[str, Any]:
+    """The settings table, as a JSON-serialisable dict.
+
+    Rows (each ``{"setting", "dim", "metrics": {metric: value}, "retention": {metric: value/teacher value} | None}``):
+    ``teacher->teacher`` (the reference; only with a teacher), one ``student->student`` row per dim in ``dims``
+    (default: the student's full dim; smaller dims are truncated then renormalised, i.e. MRL), and, when the student
+    outputs the teacher's dim ("projection" mode), ``student->teacher`` = student queries against teacher documents
+    (drop-in replacement of the query encoder). ``mean_cosine`` compares student and teacher embeddings of the same
+    held-out texts when their dims agree. ``student`` / ``teacher`` may be encoders or precomputed
+    :class:`Embeddings` (so the teacher can be encoded once and reused over many evaluations).
+    """
+    query_ids, doc_ids = _eval_ids(queries, corpus, qrels)
+    student_emb = _as_embeddings(student, queries, corpus, qrels, query_ids, doc_ids, "student")
+    teacher_emb = None
+    if teacher is not None:
+        teacher_emb = _as_embeddings(teacher, queries, corpus, qrels, query_ids, doc_ids, "teacher")
+
+    def metrics(q: torch.Tensor, d: torch.Tensor, dim: int | None = None) -> dict[str, float]:
+        return retrieval_metrics(q, d, query_ids, doc_ids, qrels, dim, chunk_size)
+
+    rows: list[dict[str, Any]] = []
+    reference = None
+    if teacher_emb is not None:
+        reference = metrics(teacher_emb.queries, teacher_emb.documents)
+        rows.append(_row(TEACHER_TEACHER, teacher_emb.dim, reference, reference))
+    for dim in _check_dims(dims, student_emb.dim):
+        truncate = None if dim == student_emb.dim else dim
+        student_metrics = metrics(student_emb.queries, student_emb.documents, truncate)
+        rows.append(_row(STUDENT_STUDENT, dim, student_metrics, reference))
+    same_dim = teacher_emb is not None and teacher_emb.dim == student_emb.dim
+    if same_dim:
+        drop_in = metrics(student_emb.queries, teacher_emb.documents)
+        rows.append(_row(STUDENT_TEACHER, student_emb.dim, drop_in, reference))
+    mode = "student_only" if teacher_emb is None else ("projection" if same_dim else "mrl")
+    return {
+        "mode": mode,
+        "num_queries": len(query_ids),
+        "num_documents": len(doc_ids),
+        "student_dim": student_emb.dim,
+        "teacher_dim": None if teacher_emb is None else teacher_emb.dim,
+        "metrics": list(METRICS),
+        "rows": rows,
+        "mean_cosine": _mean_cosine(student_emb, teacher_emb) if same_dim else None,
+    }
+
+
+def _as_embeddings(
+    source: EncodeFn | Embeddings,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    qrels: Mapping[str, Any],
+    query_ids: list[str],
+    doc_ids: list[str],
+    who: str,
+) -> Embeddings:
+    if not isinstance(source, Embeddings):
+        return encode_eval_set(queries, corpus, qrels, source)
+    if source.query_ids != query_ids or source.doc_ids != doc_ids:
+        raise DistillError(f"precomputed {who} embeddings were made for a different eval set (ids differ)")
+    return source
+
+
+def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` on rank 0 only and return its result on every rank.
+
+    The other ranks wait at :func:`distill.distributed.barrier` and then receive the result through
+    :func:`distill.distributed.broadcast_object`. If ``fn`` raises on rank 0, rank 0 re-raises it and the other
+    ranks raise a :class:`DistillError` (so nobody hangs). ``fn`` must not itself call collectives: during training,
+    encode with the unwrapped module (``ddp_model.module``) in eval mode, not the DDP wrapper.
+    """
+    payload: tuple[str, Any] | None = None
+    error: BaseException | None = None
+    if distributed.is_main():
+        try:
+            payload = ("ok", fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
+            error = exc
+            payload = ("error", f"{type(exc).__name__}: {exc}")
+    distributed.barrier()
+    payload = distributed.broadcast_object(payload)
+    if error is not None:
+        raise error
+    status, value = payload
+    if status == "error":
+        raise DistillError(f"evaluation failed on rank 0: {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_dims(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        dims = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--dims {text!r}: expected comma-separated integers such as 768,256,64") from None
+    if any(d < 1 for d in dims):
+        raise ConfigError(f"--dims {text!r}: dims must be positive")
+    return dims or None
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="student folder (sentence-transformers format)")
+    parser.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+    parser.add_argument("--teacher", default=None, help="teacher hub id or folder (adds reference and drop-in rows)")
+    parser.add_argument("--dims", default=None, help="comma-separated student dims to evaluate, e.g. 768,256,64")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", default=None, help="output folder (default: the model folder)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _student_encoder(path: str, batch_size: int, trust_remote_code: bool, device: str) -> EncodeFn:
+    """Queries via ``encode_query`` and documents via ``encode_document`` so prompts saved with the model apply."""
+    from sentence_transformers import SentenceTransformer
+
+    if not Path(path).exists():
+        raise ConfigError(f"--model {path}: folder not found")
+    model = SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
+
+    def encode(texts: list[str], role: str) -> torch.Tensor:
+        method = model.encode_query if role == "query" else model.encode_document
+        return method(texts, batch_size=batch_size, convert_to_tensor=True).float()
+
+    return encode
+
+
+def _teacher_embeddings(
+    name_or_path: str, data: BeirData, batch_size: int, trust_remote_code: bool, device: torch.device
+) -> Embeddings:
+    """Encode the eval set with the teacher, then drop the teacher so the student has the memory."""
+    from distill.models import TeacherEncoder, resolve_teacher_spec
+
+    spec = resolve_teacher_spec(name_or_path, trust_remote_code=trust_remote_code)
+    teacher = TeacherEncoder(spec, device)
+    emb = encode_eval_set(
+        data.queries, data.corpus, data.qrels, lambda texts, role: teacher.encode(texts, role, batch_size)
+    )
+    del teacher
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return emb
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: prints the table, writes ``eval.json`` and ``report.md``/``report.json`` into ``--out``."""
+    from distill import report
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parse_args(argv)
+    try:
+        dims = _parse_dims(args.dims)
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+        data = read_beir(args.data, args.split)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        teacher = None
+        if args.teacher:
+            teacher = _teacher_embeddings(args.teacher, data, args.batch_size, args.trust_remote_code, device)
+        student = _student_encoder(args.model, args.batch_size, args.trust_remote_code, str(device))
+        results = evaluate_settings(data.queries, data.corpus, data.qrels, student, teacher, dims)
+        results["model"], results["data"], results["split"] = str(args.model), str(args.data), args.split
+        results["teacher"] = args.teacher
+        out_dir = Path(args.out or args.model)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        extra = {"model": args.model, "data": args.data, "split": args.split}
+        if args.teacher:
+            extra["teacher"] = args.teacher
+        report.write_report(out_dir, results, None, None, extra)
+    except DistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.format_eval_table(results))
+    print(f"\nwrote {out_dir / 'eval.json'} and {out_dir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The teacher (frozen encoder), the student (a SentenceTransformer) and the projection head.
+
+Models know nothing of the training loop: the trainer calls :class:`DistillModel` on tokenized chunks and
+:class:`TeacherEncoder` on raw texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from distill.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Role = Literal["query", "document"]
+_POOLING_FROM_ST = {"lasttoken": "last_token", "mean": "mean", "cls": "cls"}
+_POOLING_TO_ST = {v: k for k, v in _POOLING_FROM_ST.items()}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teacher
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything that determines the teacher's vectors; resolved from the model's own files without loading weights."""
+
+    name: str
+    revision: str | None
+    backend: Literal["sentence-transformers", "transformers"]
+    pooling: Literal["mean", "cls", "last_token"]
+    normalize: bool
+    query_prompt: str
+    document_prompt: str
+    max_length: int
+    dtype: Literal["float32", "bfloat16", "float16"]
+    trust_remote_code: bool
+    weights_id: str  # local folder: sizes and mtimes of its files; Hub id: the revision
+
+    def prompt(self, role: Role) -> str:
+        return self.query_prompt if role == "query" else self.document_prompt
+
+    def fingerprint(self, role: Role) -> str:
+        """Hex key of everything that changes the vectors of ``role`` texts (the teacher cache's namespace)."""
+        fields = asdict(self)
+        fields.pop("query_prompt")
+        fields.pop("document_prompt")
+        fields.pop("backend")
+        fields.pop("trust_remote_code")
+        fields["role_prompt"] = self.prompt(role)
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _read_model_file(name: str, filename: str, revision: str | None) -> dict[str, Any] | None:
+    """A small JSON file of a local model folder or a Hub repo (from the HF cache when offline); None if absent."""
+    local = Path(name)
+    if local.is_dir():
+        path = local / filename
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        path = hf_hub_download(name, filename, revision=revision)
+    except EntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError as e:
+        raise ConfigError(
+            f"model: cannot read {filename} of '{name}': not a local folder and not reachable on the Hub "
+            f"(offline, not in the HF cache?): {e}".splitlines()[0]
+        ) from None
+    except Exception as e:  # noqa: BLE001 - the Hub client raises many types; the user needs the message
+        raise ConfigError(f"model: cannot read {filename} of '{name}': {type(e).__name__}: {e}".splitlines()[0]) from None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _weights_id(name: str, revision: str | None) -> str:
+    local = Path(name)
+    if not local.is_dir():
+        return f"hub:{name}@{revision or 'main'}"
+    h = hashlib.sha256()
+    for p in sorted(local.rglob("*")):
+        if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".model", ".txt"}:
+            st = p.stat()
+            h.update(f"{p.relative_to(local)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return f"local:{h.hexdigest()[:16]}"
+
+
+def resolve_teacher_spec(
+    name: str,
+    *,
+    revision: str | None = None,
+    pooling: str = "auto",
+    normalize: bool | None = None,
+    query_prompt: str | None = None,
+    document_prompt: str | None = None,
+    max_length: int = 512,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device: torch.device | None = None,
+) -> TeacherSpec:
+    """Read how the teacher embeds (pooling, normalisation, prompts) from its sentence-transformers files.
+
+    A model that ships ``modules.json`` is run through sentence-transformers and its pooling, Normalize module and
+    ``prompts['query'|'document']`` are honoured (explicit config prompts override the saved ones; an explicit pooling
+    that contradicts the saved one is an error). Otherwise it is run through transformers and ``pooling`` must be given.
+    """
+    modules = _read_model_file(name, "modules.json", revision)
+    if modules is not None:
+        backend = "sentence-transformers"
+        st_pool, st_norm = None, False
+        for m in modules:
+            mtype = m.get("type", "")
+            if mtype.endswith("Pooling"):
+                pcfg = _read_model_file(name, f"{m['path']}/config.json", revision) or {}
+                st_pool = _st_pooling_mode(pcfg)
+            if mtype.endswith("Normalize"):
+                st_norm = True
+        if st_pool is None:
+            raise ConfigError(f"model.teacher: {name} has a modules.json without a supported Pooling module")
+        if pooling not in ("auto", st_pool):
+            raise ConfigError(
+                f"model.teacher_pooling: {pooling} contradicts the teacher's own sentence-transformers pooling "
+                f"({st_pool}); set it to auto or {st_pool}"
+            )
+        pooling = st_pool
+        st_cfg = _read_model_file(name, "config_sentence_transformers.json", revision) or {}
+        prompts = st_cfg.get("prompts") or {}
+        query_prompt = query_prompt if query_prompt is not None else (prompts.get("query") or "")
+        if document_prompt is None:
+            document_prompt = next((prompts[k] for k in ("document", "passage", "corpus") if prompts.get(k)), "")
+        normalize = st_norm if normalize is None else normalize
+    else:
+        backend = "transformers"
+        if pooling == "auto":
+            raise ConfigError(
+                f"model.teacher_pooling: {name} ships no sentence-transformers config (modules.json), so its pooling "
+                "cannot be read; set teacher_pooling to mean, cls or last_token"
+            )
+        normalize = True if normalize is None else normalize
+        query_prompt = query_prompt or ""
+        document_prompt = document_prompt or ""
+    if dtype == "auto":
+        on_gpu = (device.type == "cuda") if device is not None else torch.cuda.is_available()
+        dtype = "bfloat16" if on_gpu else "float32"
+    return TeacherSpec(
+        name=name, revision=revision, backend=backend, pooling=pooling, normalize=bool(normalize),
+        query_prompt=query_prompt, document_prompt=document_prompt, max_length=max_length, dtype=dtype,
+        trust_remote_code=trust_remote_code, weights_id=_weights_id(name, revision),
+    )
+
+
+def _st_pooling_mode(pcfg: dict[str, Any]) -> str | None:
+    mode = pcfg.get("pooling_mode")
+    if mode is None:  # legacy keys: pooling_mode_mean_tokens, pooling_mode_lasttoken, ...
+        for key, on in pcfg.items():
+            if key.startswith("pooling_mode_") and on is True:
+                mode = key.removeprefix("pooling_mode_").removesuffix("_tokens")
+                break
+    if isinstance(mode, list):
+        mode = mode[0] if len(mode) == 1 else None
+    return _POOLING_FROM_ST.get(mode) if mode else None
+
+
+def teacher_spec_from_config(model_cfg: Any, max_length: int, device: torch.device | None = None) -> TeacherSpec:
+    """:func:`resolve_teacher_spec` with the ``model`` section of the config."""
+    return resolve_teacher_spec(
+        model_cfg.teacher,
+        revision=model_cfg.teacher_revision,
+        pooling=model_cfg.teacher_pooling,
+        normalize=model_cfg.teacher_normalize,
+        query_prompt=model_cfg.teacher_query_prompt,
+        document_prompt=model_cfg.teacher_document_prompt,
+        max_length=model_cfg.teacher_max_length or max_length,
+        dtype=model_cfg.teacher_dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+        device=device,
+    )
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states [b, L, h] with attention mask [b, L] -> [b, h].
+
+    ``last_token`` takes the last position whose mask is 1, so it is right for left *and* right padding.
+    """
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    if mode == "last_token":
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = (positions * mask.long()).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {mode!r}")
+
+
+class TeacherEncoder:
+    """The frozen teacher: ``encode(texts, role)`` -> float32 [n, dim] on the CPU, in eval mode, without gradients.
+
+    ``texts_encoded`` counts the texts it has embedded (the teacher-cache tests and the logs read it).
+    """
+
+    def __init__(self, spec: TeacherSpec, device: torch.device | str = "cpu", attn_implementation: str = "auto"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.texts_encoded = 0
+        dtype = _DTYPES[spec.dtype]
+        model_kwargs: dict[str, Any] = {"dtype": dtype, **_attn_kwargs(attn_implementation)}
+        if spec.backend == "sentence-transformers":
+            from sentence_transformers import SentenceTransformer
+
+            self.st = SentenceTransformer(
+                spec.name, revision=spec.revision, device=str(self.device),
+                trust_remote_code=spec.trust_remote_code, model_kwargs=model_kwargs,
+            )
+            self.st.max_seq_length = spec.max_length
+            self.st.eval().requires_grad_(False)
+            self.dim = int(self.st.get_embedding_dimension())
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            self.st = None
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model = AutoModel.from_pretrained(
+                spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **model_kwargs
+            ).to(self.device)
+            self.model.eval().requires_grad_(False)
+            self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], role: Role, batch_size: int = 32) -> torch.Tensor:
+        """Embed ``texts`` as the teacher does for ``role`` (the query prompt for queries) -> float32 [n, dim]."""
+        if not texts:
+            return torch.empty(0, self.dim)
+        prompt = self.spec.prompt(role)
+        self.texts_encoded += len(texts)
+        if self.st is not None:
+            out = self.st.encode(
+                list(texts), prompt=prompt or None, batch_size=batch_size, convert_to_tensor=True,
+                normalize_embeddings=self.spec.normalize, show_progress_bar=False,
+            )
+            return out.float().cpu()
+        return self._encode_hf([prompt + t for t in texts], batch_size)
+
+    def _encode_hf(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        out = torch.empty(len(texts), self.dim)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            feats = self.tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.spec.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**feats).last_hidden_state
+            emb = pool(hidden.float(), feats["attention_mask"], self.spec.pooling)
+            if self.spec.normalize:
+                emb = nn.functional.normalize(emb, dim=-1)
+            out[idx] = emb.cpu()
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Student
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _attn_kwargs(attn_implementation: str) -> dict[str, str]:
+    """``auto`` lets transformers choose (SDPA where the architecture supports it, eager otherwise)."""
+    return {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+
+
+def load_student(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                 attn_implementation: str = "auto", device: torch.device | str = "cpu"):
+    """The student as a ``SentenceTransformer`` in float32 (autocast handles mixed precision)."""
+    from sentence_transformers import SentenceTransformer
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32, **_attn_kwargs(attn_implementation)}
+    try:
+        return SentenceTransformer(name, revision=revision, device=str(device), trust_remote_code=trust_remote_code,
+                                   model_kwargs=kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.student: cannot load '{name}': {e}".splitlines()[0]) from None
+
+
+def build_projection_head(student_dim: int, hidden_dim: int, teacher_dim: int, seed: int) -> nn.Sequential:
+    """``student_dim -> hidden_dim (GELU) -> teacher_dim`` as two sentence-transformers Dense modules.
+
+    Using ST's Dense directly means the exported model contains exactly the trained modules.
+    """
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the head starts identical on every rank and in every run of this seed
+    head = nn.Sequential(
+        Dense(student_dim, hidden_dim, activation_function=nn.GELU()),
+        Dense(hidden_dim, teacher_dim, activation_function=nn.Identity()),
+    )
+    torch.random.set_rng_state(gen_state)
+    return head
+
+
+class DistillModel(nn.Module):
+    """Student (+ optional projection head) as one module, so DDP wraps a single forward per step.
+
+    ``forward(chunks)`` takes a list of tokenized chunks ({input_ids, attention_mask}, each padded to its own length)
+    and returns the concatenated embeddings [sum of chunk sizes, out_dim]: the student's sentence embedding (after
+    its own Normalize module, if it has one), projected by the head when there is one. Several chunks in one call
+    keep padding low without calling the DDP module more than once per backward.
+    """
+
+    def __init__(self, student: nn.Module, head: nn.Sequential | None):
+        super().__init__()
+        self.student = student
+        self.head = head
+
+    def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.student(dict(features))["sentence_embedding"]
+        if self.head is not None:
+            out = self.head({"sentence_embedding": out})["sentence_embedding"]
+        return out
+
+    def forward(self, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        return torch.cat([self.embed(c) for c in chunks], dim=0)
+
+
+def student_output_dim(student: Any) -> int:
+    return int(student.get_embedding_dimension())
+
+
+def check_dims(cfg_model: Any, student: Any, teacher_dim: int | None) -> None:
+    """``model.student_dim`` / ``teacher_dim`` must be what the models really output."""
+    real = student_output_dim(student)
+    if real != cfg_model.student_dim:
+        raise ConfigError(f"model.student_dim is {cfg_model.student_dim} but {cfg_model.student} outputs {real}-d embeddings")
+    if teacher_dim is not None and teacher_dim != cfg_model.teacher_dim:
+        raise ConfigError(
+            f"model.teacher_dim is {cfg_model.teacher_dim} but {cfg_model.teacher} outputs {teacher_dim}-d embeddings"
+        )
+

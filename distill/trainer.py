@@ -1,0 +1,712 @@
+"""The training loop: one loop for both phases, DDP, gradient accumulation, checkpoints and resume.
+
+Read top to bottom: :func:`run` prepares the run folder and the models, then :meth:`Trainer.train_phase` runs each
+phase: data -> tokenized tables -> teacher targets (from the teacher cache) -> length-grouped batches ->
+forward / loss / backward (``no_sync`` on accumulation steps) -> clip -> AdamW step -> linear warmup/decay ->
+log, checkpoint, evaluate. Losses and models know nothing of this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from distill import distributed as D
+from distill.checkpoint import (
+    LoadedCheckpoint,
+    TrainState,
+    capture_rng,
+    load_latest,
+    restore_rng,
+    save_checkpoint,
+    write_json_atomic,
+)
+from distill.config import Config, dump_config
+from distill.errors import CheckpointError, ConfigError, DistillError
+from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
+from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
+from distill.models import DistillModel, TeacherEncoder, build_projection_head, check_dims, load_student, teacher_spec_from_config
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = "DONE"
+# Keys that may change between a run and its resume without changing what is trained.
+_RESUME_TOLERANT = {("training", "save_steps"), ("training", "keep_last"), ("training", "logging_steps"),
+                    ("training", "dist_timeout_s"), ("training", "num_threads"), ("eval", "every_n_steps")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token chunks for one forward: ``chunks[i]`` padded to its own length; ``restore`` maps back to input order."""
+
+    chunks: list[dict[str, torch.Tensor]]
+    restore: torch.Tensor  # embeddings_in_input_order = cat(chunk outputs)[restore]
+    real_tokens: int
+    padded_tokens: int
+
+
+def pad_chunks(seqs: list[list[int]], pad_id: int, chunk_size: int, device: torch.device) -> Encoded:
+    """Sort ``seqs`` by length, cut into chunks of ``chunk_size`` sequences and pad each chunk to its longest one.
+
+    Padding per length-homogeneous chunk is what keeps padded tokens low when documents of one batch vary in length.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    chunks = []
+    padded = 0
+    for start in range(0, len(order), chunk_size):
+        idx = order[start : start + chunk_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            mask[row, : len(seqs[i])] = 1
+        chunks.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+        padded += ids.numel()
+    restore = torch.empty(len(order), dtype=torch.long)
+    restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return Encoded(chunks, restore.to(device), sum(len(s) for s in seqs), padded)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teacher targets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TeacherTargets:
+    """Teacher embeddings of a phase's query and document tables, looked up by row: ``query(rows)`` -> [n, D_t]."""
+
+    def __init__(self, query_fn: Callable[[np.ndarray], torch.Tensor], document_fn: Callable[[np.ndarray], torch.Tensor],
+                 dim: int, forwards: int):
+        self.query, self.document, self.dim, self.forwards = query_fn, document_fn, dim, forwards
+
+
+def build_teacher_targets(cfg: Config, phase_max_length: int, queries, documents, device: torch.device) -> TeacherTargets:
+    """Fill the teacher cache with every text of the phase (sharded over ranks) and return lookups into it.
+
+    The teacher is loaded only if some text is missing from the cache, and freed right after. With
+    ``cache.enabled: false`` the teacher stays loaded and runs on every batch instead (the naive baseline).
+    """
+    from distill.teacher_cache import TeacherCache
+
+    spec = teacher_spec_from_config(cfg.model, phase_max_length, device)
+    bs = cfg.model.teacher_batch_size
+    if not cfg.cache.enabled:
+        teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
+
+        def inline(table, role):
+            return lambda rows: teacher.encode(table.take(rows), role, bs)
+
+        return TeacherTargets(inline(queries, "query"), inline(documents, "document"), teacher.dim, 0)
+
+    cache = TeacherCache(cfg.cache_root / "teacher", dtype=cfg.cache.dtype, shard_size=cfg.cache.shard_size)
+    holder: dict[str, TeacherEncoder] = {}
+
+    def encoder(role: str) -> Callable[[list[str]], torch.Tensor]:
+        def encode(texts: list[str]) -> torch.Tensor:
+            if "t" not in holder:
+                log.info("loading teacher %s (%s, %s pooling) to fill the cache", spec.name, spec.dtype, spec.pooling)
+                holder["t"] = TeacherEncoder(spec, device, cfg.model.attn_implementation)
+            return holder["t"].encode(texts, role, bs)
+        return encode
+
+    local = 0
+    for role, table in (("query", queries), ("document", documents)):
+        local += cache.fill(spec.fingerprint(role), table, encoder(role), batch_size=bs)
+    holder.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    forwards = int(D.all_reduce_sum(torch.tensor(local)).item())
+    q = cache.lookup(spec.fingerprint("query"), queries)
+    d = cache.lookup(spec.fingerprint("document"), documents)
+    return TeacherTargets(lambda rows: q[rows], lambda rows: d[rows], d.dim, forwards)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Preempted(Exception):
+    """SIGTERM arrived: a checkpoint was saved and the run should exit cleanly."""
+
+
+class Trainer:
+    """Holds the models, the run folder and the logger across phases."""
+
+    def __init__(self, cfg: Config, info: D.DistInfo, *, allow_config_change: bool = False):
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.allow_config_change = allow_config_change
+        self.metrics = None
+        self._stop_requested = False
+        self.eval_results: dict[str, Any] | None = None
+        self.teacher_forwards: dict[str, int] = {}
+        self.padding: dict[str, float] = {}
+
+    # ---- setup ----
+    def setup(self) -> None:
+        from distill.report import MetricsLogger
+
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            tb = self.run_dir / "tensorboard"
+            self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl", tensorboard_dir=tb)
+        D.barrier()
+        m = self.cfg.model
+        self.student = load_student(m.student, revision=m.student_revision, trust_remote_code=m.trust_remote_code,
+                                    attn_implementation=m.attn_implementation, device=self.device)
+        check_dims(m, self.student, None)
+        head = build_projection_head(m.student_dim, m.projection_hidden_dim, m.teacher_dim, self.cfg.training.seed) \
+            if m.use_projection else None
+        self.model = DistillModel(self.student, head).to(self.device)
+        self.tokenizer = self.student.tokenizer
+        self.max_model_len = _max_student_length(self.student)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
+        self._stop_requested = True
+
+    # ---- run ----
+    def run(self) -> Path:
+        resume = self._find_resume()
+        phases = [p for p in (1, 2) if not getattr(self.cfg.training, f"skip_phase{p}")]
+        if resume is not None:
+            log.info("resuming from %s (phase %d, step %d)", resume.path, resume.state.phase, resume.state.step)
+            phases = [p for p in phases if p >= resume.state.phase]
+        elif phases[0] == 2:
+            self._load_phase1_weights()
+        for p in phases:
+            ckpt = resume if resume is not None and resume.state.phase == p else None
+            if ckpt is not None and ckpt.state.phase_done:
+                self.model.load_state_dict(ckpt.model_state)
+                continue
+            self.train_phase(p, ckpt)
+        return self.finish()
+
+    def _find_resume(self) -> LoadedCheckpoint | None:
+        ckpt = load_latest(self.ckpt_dir) if self.info.is_main else None
+        path = D.broadcast_object(str(ckpt.path) if ckpt else None)
+        if path is None:
+            return None
+        if ckpt is None:  # other ranks read the checkpoint rank 0 chose
+            from distill.checkpoint import load_checkpoint
+
+            ckpt = load_checkpoint(Path(path))
+        changed = _config_diff(ckpt.config, self.cfg.to_dict())
+        if changed and not self.allow_config_change:
+            raise CheckpointError(
+                f"{ckpt.path}: the config changed since this checkpoint ({', '.join(changed[:5])}); resume with the "
+                "original config, pass --allow-config-change, or --overwrite to start afresh"
+            )
+        return ckpt
+
+    def _load_phase1_weights(self) -> None:
+        path = self.run_dir / "phase1" / "model.safetensors"
+        if not path.is_file():
+            raise CheckpointError(
+                f"training.skip_phase1 is true but no phase-1 result exists at {path}; run phase 1 of experiment "
+                f"'{self.cfg.experiment}' first (same config name and output_dir)"
+            )
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(path)))
+        log.info("phase 2 starts from the phase-1 weights in %s", path)
+
+    # ---- one phase ----
+    def train_phase(self, phase: int, ckpt: LoadedCheckpoint | None) -> None:
+        cfg = self.cfg
+        pcfg = cfg.phase1 if phase == 1 else cfg.phase2
+        name = f"phase{phase}"
+        max_len = min(pcfg.max_length, self.max_model_len)
+        data, tables, lengths = self._prepare_data(phase, max_len)
+        targets = build_teacher_targets(cfg, pcfg.max_length, data.queries, data.documents, self.device)
+        self.teacher_forwards[name] = targets.forwards
+        if targets.dim != cfg.model.teacher_dim:
+            raise ConfigError(f"model.teacher_dim is {cfg.model.teacher_dim} but {cfg.model.teacher} outputs "
+                              f"{targets.dim}-d embeddings")
+        log.info("%s: teacher forward passes this phase: %d", name, targets.forwards)
+
+        from distill.sampling import LengthGroupedBatchSampler
+
+        sampler = LengthGroupedBatchSampler(lengths, pcfg.batch_size, self.info.rank, self.info.world_size,
+                                            seed=cfg.training.seed + phase, pool_batches=cfg.data.length_pool_batches)
+        accum = pcfg.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(sampler) / accum)
+        total_steps = steps_per_epoch * pcfg.num_epochs
+        if pcfg.max_steps is not None:
+            total_steps = min(total_steps, pcfg.max_steps)
+        loss_fn = self._loss(phase)
+        self._freeze_unused_parameters(data, tables, sampler, phase, targets)
+        optimizer = _adamw(self.model, pcfg.learning_rate, pcfg.weight_decay)
+        from transformers import get_linear_schedule_with_warmup
+
+        scheduler = get_linear_schedule_with_warmup(optimizer, min(pcfg.warmup_steps, total_steps), total_steps)
+        scaler = torch.amp.GradScaler(self.device.type) if cfg.training.precision == "fp16" else None
+        state = TrainState(phase=phase)
+        if ckpt is not None:
+            state = self._restore(ckpt, optimizer, scheduler, scaler)
+        ddp = self._wrap()
+        log.info("%s: %d examples, %d batches/rank/epoch of %d (global batch %d, x%d accumulation = %d per step), "
+                 "%d optimizer steps", name, len(data.examples), len(sampler), pcfg.batch_size,
+                 pcfg.batch_size * self.info.world_size, accum, pcfg.batch_size * self.info.world_size * accum,
+                 total_steps)
+
+        runner = _PhaseRunner(self, phase, pcfg, data, tables, targets, sampler, loss_fn, ddp, optimizer, scheduler,
+                              scaler, state, total_steps)
+        runner.loop()
+        self.padding[name] = runner.padding_efficiency()
+        state.phase_done = True
+        self._save(state, optimizer, scheduler, scaler, name=f"phase{phase}-step{state.step:08d}")
+        self._save_phase_weights(phase)
+        if cfg.eval.data:
+            self._evaluate(name, state.step)
+
+    def _prepare_data(self, phase: int, max_len: int):
+        from distill import data as data_mod
+
+        cfg = self.cfg
+        work = cfg.cache_root / "data"
+        if phase == 1:
+            data = data_mod.load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
+        else:
+            data = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples, cfg.training.seed,
+                                        work)
+        tables = (data_mod.tokenize_table(data.queries, self.tokenizer, max_len, work),
+                  data_mod.tokenize_table(data.documents, self.tokenizer, max_len, work))
+        ex = data.examples
+        if phase == 1:
+            lengths = np.zeros(len(ex), dtype=np.int64)
+            for role in (0, 1):
+                sel = ex[:, 0] == role
+                lengths[sel] = tables[role].lengths[ex[sel, 1]]
+        else:
+            lengths = tables[0].lengths[ex[:, 0]] + tables[1].lengths[ex[:, 1:]].max(axis=1)
+        return data, tables, np.asarray(lengths, dtype=np.int64)
+
+    def _loss(self, phase: int, gather: bool = True) -> nn.Module:
+        m, cfg = self.cfg.model, self.cfg
+        dims = None if m.use_projection else m.matryoshka_dims
+        if phase == 1:
+            if m.use_projection:
+                return EmbeddingMSECosineLoss(cfg.phase1.mse_weight, cfg.phase1.cosine_weight)
+            return MatryoshkaSimilarityLoss(dims, m.matryoshka_weights, cfg.phase1.mse_weight, cfg.phase1.cosine_weight)
+        p2 = cfg.phase2
+        return RetrievalDistillLoss(p2.temperature, p2.infonce_weight, p2.mse_weight, gather=gather and p2.gather_across_ranks,
+                                    dims=dims, dim_weights=m.matryoshka_weights)
+
+    def _freeze_unused_parameters(self, data, tables, sampler, phase, targets) -> None:
+        """Parameters no loss ever reaches (e.g. the backbone's unused pooler) would make DDP wait forever for
+        their gradients; one probe forward/backward on a tiny batch finds them and freezes them."""
+        if any(not p.requires_grad for p in self.model.parameters()):
+            return  # already probed (phase 1)
+        rng = torch.get_rng_state()
+        batch = sampler.batches(0)[0][:2]
+        self.model.zero_grad(set_to_none=True)
+        probe_loss = self._loss(phase, gather=False)  # no collectives: this probe runs before DDP exists
+        loss = self._batch_loss(phase, data, tables, targets, probe_loss, self.model, batch)[0]
+        loss.backward()
+        frozen = [n for n, p in self.model.named_parameters() if p.grad is None]
+        for n, p in self.model.named_parameters():
+            if p.grad is None:
+                p.requires_grad_(False)
+        self.model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        if frozen:
+            log.info("frozen %d parameter tensors that receive no gradient (e.g. %s)", len(frozen), frozen[0])
+
+    def _wrap(self) -> nn.Module:
+        if not D.is_distributed():
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(self.model, device_ids=ids, find_unused_parameters=False)
+
+    def _batch_loss(self, phase, data, tables, targets, loss_fn, model, batch) -> tuple[torch.Tensor, dict, int, int]:
+        """Loss of one micro-batch of example indices; returns (loss, terms, real tokens, padded tokens)."""
+        ex = data.examples[np.asarray(batch)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        precision = self.cfg.training.precision
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                             enabled=precision != "fp32")
+        if phase == 1:
+            roles, rows = ex[:, 0], ex[:, 1]
+            seqs = [tables[r].input_ids([i])[0] for r, i in zip(roles, rows)]
+            enc = pad_chunks(seqs, pad, len(seqs), self.device)
+            with amp:
+                emb = model(enc.chunks)[enc.restore]
+            teacher = torch.empty(len(rows), targets.dim)
+            qmask = roles == 0
+            if qmask.any():
+                teacher[torch.from_numpy(qmask)] = targets.query(rows[qmask])
+            if (~qmask).any():
+                teacher[torch.from_numpy(~qmask)] = targets.document(rows[~qmask])
+            loss, terms = loss_fn(emb.float(), teacher.to(self.device))
+            return loss, terms, enc.real_tokens, enc.padded_tokens
+        q_rows, d_rows = ex[:, 0], ex[:, 1:].reshape(-1)
+        q_seqs = tables[0].input_ids(q_rows)
+        d_seqs = tables[1].input_ids(d_rows)
+        b = len(q_rows)
+        enc_q = pad_chunks(q_seqs, pad, b, self.device)
+        enc_d = pad_chunks(d_seqs, pad, b, self.device)
+        with amp:
+            out = model(enc_q.chunks + enc_d.chunks)
+        q = out[:b][enc_q.restore]
+        docs = out[b:][enc_d.restore]
+        tq = targets.query(q_rows).to(self.device)
+        td = targets.document(d_rows).to(self.device)
+        doc_ids = torch.from_numpy(np.ascontiguousarray(d_rows)).to(self.device)
+        loss, terms = loss_fn(q.float(), docs.float(), doc_ids, tq, td)
+        return loss, terms, enc_q.real_tokens + enc_d.real_tokens, enc_q.padded_tokens + enc_d.padded_tokens
+
+    # ---- checkpoints ----
+    def _restore(self, ckpt: LoadedCheckpoint, optimizer, scheduler, scaler) -> TrainState:
+        self.model.load_state_dict(ckpt.model_state)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        scheduler.load_state_dict(ckpt.scheduler_state)
+        if scaler is not None and ckpt.scaler_state is not None:
+            scaler.load_state_dict(ckpt.scaler_state)
+        if len(ckpt.rng_states) == self.info.world_size:
+            restore_rng(ckpt.rng_states[self.info.rank])
+        else:
+            log.warning("checkpoint has RNG states of %d ranks, this run has %d: dropout streams restart",
+                        len(ckpt.rng_states), self.info.world_size)
+        if self.info.is_main:
+            self._truncate_metrics(f"phase{ckpt.state.phase}", ckpt.state.step)
+        return ckpt.state
+
+    def _truncate_metrics(self, phase_name: str, step: int) -> None:
+        """Drop log records written after the checkpoint (the run died after them), so the resumed log continues
+        from the checkpoint's step without duplicates or a jump."""
+        from distill.report import MetricsLogger
+
+        path = self.run_dir / "metrics.jsonl"
+        self.metrics.close()
+        keep = []
+        order = {"phase1": 1, "phase2": 2}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            p = order.get(rec.get("phase"), 0)
+            if p < order[phase_name] or (p == order[phase_name] and rec.get("step", 0) <= step):
+                keep.append(line)
+        tmp = path.with_name(".tmp-metrics.jsonl")
+        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        tmp.replace(path)
+        self.metrics = MetricsLogger(path, tensorboard_dir=self.run_dir / "tensorboard")
+
+    def _save(self, state: TrainState, optimizer, scheduler, scaler, name: str) -> None:
+        rng = D.all_gather_object(capture_rng())
+        if self.info.is_main:
+            save_checkpoint(self.ckpt_dir, name, model=self.model, optimizer=optimizer, scheduler=scheduler,
+                            scaler=scaler, rng_states=rng, state=state, config=self.cfg.to_dict(),
+                            keep_last=self.cfg.training.keep_last)
+        D.barrier()
+
+    def _save_phase_weights(self, phase: int) -> None:
+        if self.info.is_main:
+            from safetensors.torch import save_file
+
+            from distill.checkpoint import state_dict_for_save
+
+            out = self.run_dir / f"phase{phase}"
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / ".tmp-model.safetensors"
+            save_file(state_dict_for_save(self.model), str(tmp))
+            tmp.replace(out / "model.safetensors")
+        D.barrier()
+
+    # ---- evaluation, export ----
+    def export_model(self):
+        return build_export_model(self.student, self.model.head)
+
+    def _eval_teacher(self):
+        """Teacher embeddings of the eval set, once per run, from the teacher cache (a collective: all ranks)."""
+        from distill.evaluate import Embeddings, read_beir
+        from distill.teacher_cache import TeacherCache
+
+        if getattr(self, "_eval_cache", None) is None:
+            beir = read_beir(self.cfg.eval.data, self.cfg.eval.split)
+            spec = teacher_spec_from_config(self.cfg.model, self.cfg.phase2.max_length, self.device)
+            cache = TeacherCache(self.cfg.cache_root / "teacher", dtype=self.cfg.cache.dtype,
+                                 shard_size=self.cfg.cache.shard_size)
+            qids, dids = list(beir.queries), list(beir.corpus)
+            texts = {"query": [beir.queries[i] for i in qids], "document": [beir.corpus[i] for i in dids]}
+            holder: dict[str, TeacherEncoder] = {}
+            for role, items in texts.items():
+                def encode(batch: list[str], role: str = role) -> torch.Tensor:
+                    if "t" not in holder:
+                        holder["t"] = TeacherEncoder(spec, self.device, self.cfg.model.attn_implementation)
+                    return holder["t"].encode(batch, role, self.cfg.model.teacher_batch_size)
+                cache.fill(spec.fingerprint(role), items, encode, batch_size=self.cfg.model.teacher_batch_size)
+            holder.clear()
+            q = cache.lookup(spec.fingerprint("query"), texts["query"])
+            d = cache.lookup(spec.fingerprint("document"), texts["document"])
+            emb = Embeddings(qids, dids, q[np.arange(len(qids))], d[np.arange(len(dids))])
+            self._eval_cache = (beir, emb)
+        return self._eval_cache
+
+    def _evaluate(self, phase_name: str, step: int) -> None:
+        """Rank 0 evaluates on the held-out BEIR set; the other ranks wait and receive the result."""
+        from distill.evaluate import evaluate_settings, run_eval_distributed
+
+        beir, teacher_emb = self._eval_teacher()
+        m = self.cfg.model
+        dims = self.cfg.eval.dims or (None if m.use_projection else m.matryoshka_dims)
+        bs = self.cfg.eval.batch_size
+
+        def work() -> dict[str, Any]:
+            model = self.export_model()
+            with torch.no_grad():
+                def encode(texts: list[str], role: str) -> torch.Tensor:
+                    fn = model.encode_query if role == "query" else model.encode_document
+                    return fn(texts, batch_size=bs, convert_to_tensor=True).float().cpu()
+                return evaluate_settings(beir.queries, beir.corpus, beir.qrels, encode, teacher_emb, dims)
+
+        self.eval_results = run_eval_distributed(work)
+        self.model.train()
+        if self.info.is_main:
+            self.metrics.log({"event": "eval", "phase": phase_name, "step": step, "results": self.eval_results})
+            from distill.report import format_eval_table
+
+            log.info("%s step %d evaluation:\n%s", phase_name, step, format_eval_table(self.eval_results))
+
+    def finish(self) -> Path:
+        final = self.run_dir / "final"
+        if self.info.is_main:
+            model = self.export_model()
+            save_model_atomic(model, final, extra_files={"distill_config.yaml": dump_config(self.cfg)})
+            summary = {"experiment": self.cfg.experiment, "teacher_forward_passes": self.teacher_forwards,
+                       "padding_efficiency": self.padding, "world_size": self.info.world_size}
+            write_json_atomic(final / "distill_summary.json", summary)
+            if self.metrics is not None:
+                self.metrics.close()
+            from distill.report import plot_metrics, write_report
+
+            metrics_path = self.run_dir / "metrics.jsonl"
+            plot_metrics(metrics_path, final)
+            write_report(final, self.eval_results, metrics_path, self.cfg.to_dict(), summary)
+            if metrics_path.exists():
+                (final / "metrics.jsonl").write_bytes(metrics_path.read_bytes())
+            if self.cfg.training.save_to_artifacts:
+                copy_tree_atomic(final, self.cfg.artifact_dir)
+                log.info("saved the model to %s", self.cfg.artifact_dir)
+            (self.run_dir / DONE_MARKER).write_text("done\n")
+            log.info("final model: %s", final)
+        D.barrier()
+        return self.cfg.artifact_dir if self.cfg.training.save_to_artifacts else final
+
+
+class _PhaseRunner:
+    """The inner loop of one phase (kept apart so :class:`Trainer` stays readable)."""
+
+    def __init__(self, tr: Trainer, phase, pcfg, data, tables, targets, sampler, loss_fn, ddp, optimizer, scheduler,
+                 scaler, state: TrainState, total_steps: int):
+        self.tr, self.phase, self.pcfg = tr, phase, pcfg
+        self.data, self.tables, self.targets, self.sampler = data, tables, targets, sampler
+        self.loss_fn, self.ddp, self.optimizer, self.scheduler, self.scaler = loss_fn, ddp, optimizer, scheduler, scaler
+        self.state, self.total_steps = state, total_steps
+        self.real_tokens = 0
+        self.padded_tokens = 0
+        self.consecutive_nonfinite = 0
+        self.name = f"phase{phase}"
+
+    def padding_efficiency(self) -> float:
+        totals = D.all_reduce_sum(torch.tensor([self.real_tokens, self.padded_tokens], dtype=torch.float64))
+        return float(totals[0] / totals[1]) if totals[1] > 0 else 1.0
+
+    def _groups(self) -> Iterator[tuple[int, int, list[list[int]]]]:
+        """(epoch, index of the first micro-batch, micro-batches of one optimizer step), from the resume point on."""
+        accum = self.pcfg.gradient_accumulation_steps
+        for epoch in range(self.state.epoch, self.pcfg.num_epochs):
+            batches = self.sampler.batches(epoch)
+            start = self.state.micro if epoch == self.state.epoch else 0
+            for i in range(start, len(batches), accum):
+                yield epoch, i, batches[i : i + accum]
+
+    def loop(self) -> None:
+        tr, st = self.tr, self.state
+        params = [p for p in tr.model.parameters() if p.requires_grad]
+        bar = tqdm(total=self.total_steps, initial=st.step, desc=self.name, disable=not tr.info.is_main,
+                   dynamic_ncols=True)
+        t0, samples0 = time.perf_counter(), 0
+        tr.model.train()
+        for epoch, first, group in self._groups():
+            if st.step >= self.total_steps:
+                break
+            loss_sum, terms_sum, n = self._accumulate(group)
+            stats = D.all_reduce_sum(torch.tensor([loss_sum, float(not math.isfinite(loss_sum)), n,
+                                                   float(tr._stop_requested)], dtype=torch.float64))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.pcfg.max_grad_norm or float("inf"))
+            finite = stats[1] == 0 and bool(torch.isfinite(grad_norm))
+            self._step(finite, grad_norm)
+            st.epoch, st.micro = epoch, first + len(group)
+            st.samples_seen += int(stats[2])
+            samples0 += int(stats[2])
+            if st.micro >= len(self.sampler):
+                st.epoch, st.micro = epoch + 1, 0
+            bar.update(1)
+            elapsed = time.perf_counter() - t0
+            mean_loss = float(stats[0] / tr.info.world_size / max(len(group), 1))
+            if tr.info.is_main and (st.step % tr.cfg.training.logging_steps == 0 or st.step == self.total_steps):
+                self._log(epoch, mean_loss, terms_sum, len(group), samples0 / max(elapsed, 1e-9), elapsed, bar)
+            if stats[3] > 0:
+                tr._save(st, self.optimizer, self.scheduler, self.scaler, name=f"{self.name}-step{st.step:08d}")
+                bar.close()
+                raise _Preempted(f"{self.name} step {st.step}")
+            save_steps = tr.cfg.training.save_steps
+            if save_steps and st.step % save_steps == 0 and st.step < self.total_steps:
+                tr._save(st, self.optimizer, self.scheduler, self.scaler, name=f"{self.name}-step{st.step:08d}")
+            if tr.cfg.eval.data and tr.cfg.eval.every_n_steps and st.step % tr.cfg.eval.every_n_steps == 0:
+                tr._evaluate(self.name, st.step)
+                tr.model.train()
+        bar.close()
+
+    def _accumulate(self, group: list[list[int]]) -> tuple[float, dict[str, float], int]:
+        """Forward/backward every micro-batch of one optimizer step; gradients sync only on the last one."""
+        tr = self.tr
+        loss_sum, terms_sum, n = 0.0, {}, 0
+        for j, batch in enumerate(group):
+            last = j == len(group) - 1
+            sync = contextlib.nullcontext() if last or not isinstance(self.ddp, DDP) else self.ddp.no_sync()
+            with sync:
+                loss, terms, real, padded = tr._batch_loss(self.phase, self.data, self.tables, self.targets,
+                                                           self.loss_fn, self.ddp, batch)
+                scaled = loss / len(group)
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            loss_sum += float(loss.detach())
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v)
+            n += len(batch)
+            self.real_tokens += real
+            self.padded_tokens += padded
+        return loss_sum, terms_sum, n
+
+    def _step(self, finite: bool, grad_norm: torch.Tensor) -> None:
+        st = self.state
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            st.nonfinite_skipped += 1
+            self.consecutive_nonfinite += 1
+            log.warning("%s step %d: non-finite loss or gradient (norm %s); optimizer step skipped (%d in a row)",
+                        self.name, st.step + 1, float(grad_norm), self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= self.tr.cfg.training.max_nonfinite_steps:
+                raise DistillError(f"{self.name} step {st.step + 1}: {self.consecutive_nonfinite} consecutive "
+                                   "non-finite losses/gradients; lower the learning rate or check the data")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+
+    def _log(self, epoch, loss, terms_sum, n_micro, samples_per_s, elapsed, bar) -> None:
+        lr = self.scheduler.get_last_lr()[0]
+        terms = {k: v / max(n_micro, 1) for k, v in terms_sum.items()}
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}")
+        pe = self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+        self.tr.metrics.log({"event": "train", "phase": self.name, "step": self.state.step, "epoch": epoch,
+                             "loss": loss, "terms": terms, "lr": lr, "samples_per_s": samples_per_s,
+                             "elapsed_s": elapsed, "padding_efficiency": pe,
+                             "nonfinite_skipped": self.state.nonfinite_skipped})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and normalisation weights (1-d tensors), as is standard for transformers."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _max_student_length(student) -> int:
+    tok_max = getattr(student.tokenizer, "model_max_length", 512) or 512
+    cfg = getattr(student[0], "auto_model", None)
+    pos = getattr(getattr(cfg, "config", None), "max_position_embeddings", None)
+    limits = [x for x in (tok_max, pos and pos - 2) if x and x < 100_000]
+    return min(limits) if limits else 512
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for section, values in new.items():
+        for key, value in (values or {}).items():
+            if (section, key) in _RESUME_TOLERANT:
+                continue
+            if old.get(section, {}).get(key) != value:
+                out.append(f"{section}.{key}")
+    return out
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """A different, reproducible stream per rank (dropout differs across ranks, as it should)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+
+
+def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = False) -> Path:
+    """Train ``cfg`` (under torchrun or in one process) and return the final model folder."""
+    info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    if cfg.training.precision == "fp16" and info.device.type != "cuda":
+        raise ConfigError("training.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    seed_everything(cfg.training.seed, info.rank)
+    done = cfg.run_dir / DONE_MARKER
+    if done.exists() and not overwrite:
+        raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
+                           "train it again (its checkpoints and final model will be replaced)")
+    if overwrite and info.is_main and cfg.run_dir.exists():
+        import shutil
+
+        shutil.rmtree(cfg.run_dir)
+    D.barrier()
+    trainer = Trainer(cfg, info, allow_config_change=allow_config_change)
+    trainer.setup()
+    try:
+        return trainer.run()
+    except _Preempted as e:
+        log.warning("preempted at %s: checkpoint saved; run the same command again to resume", e)
+        raise
+    finally:
+        if trainer.metrics is not None:
+            trainer.metrics.close()
