@@ -1,4 +1,6 @@
-"""Training data: read, validate, deduplicate and cap the phase-1 / phase-2 sources; tokenize once; read BEIR.
+"""Training data: read, validate, deduplicate and cap the phase-1 / phase-2 sources; tokenize once.
+
+BEIR evaluation folders are read by :func:`distill.evaluate.read_beir`.
 
 Sources are Hub datasets (``datasets.load_dataset(path, subset, split=split)``) or local JSONL, CSV or Parquet
 files, or a folder of them. Texts are stored once per role in Arrow tables (:class:`TextTable`) and examples
@@ -994,83 +996,3 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
 def _column_numpy(dataset: datasets.Dataset, column: str) -> np.ndarray:
     """A column of a freshly mapped (hence index-free) dataset as int64."""
     return np.asarray(dataset.data.column(column).to_numpy(), dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# BEIR
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    part = _Part(label=str(path), format="jsonl", path=path)
-    for loc, row in _read_jsonl(part):
-        if isinstance(row, _BadRow):
-            raise DataError(f"{loc}: {row}")
-        yield loc, row
-
-
-def _beir_id(row: dict[str, Any], loc: str) -> str:
-    value = row.get("_id")
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{loc}: missing '_id'")
-    return str(value)
-
-
-def read_beir(
-    folder: str | Path, split: str = "test"
-) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
-    """Read a BEIR folder: ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``.
-
-    Returns ``(corpus, queries, qrels)``: ``corpus[doc_id]`` is ``title + " " + text`` (just ``text`` when the
-    title is empty, as BEIR's sentence-transformers models do); ``queries`` holds only the queries that have
-    qrels (as BEIR's loader does); ``qrels[query_id][doc_id]`` is the integer relevance.
-    """
-    root = Path(folder)
-    paths = {
-        "corpus": root / "corpus.jsonl",
-        "queries": root / "queries.jsonl",
-        "qrels": root / "qrels" / f"{split}.tsv",
-    }
-    for path in paths.values():
-        if not path.is_file():
-            raise DataError(f"{path}: file not found (BEIR folder {root}, split {split})")
-
-    corpus: dict[str, str] = {}
-    for loc, row in _jsonl_objects(paths["corpus"]):
-        doc_id = _beir_id(row, loc)
-        title, text = row.get("title") or "", row.get("text") or ""
-        if not isinstance(title, str) or not isinstance(text, str):
-            raise DataError(f"{loc}: 'title' and 'text' must be strings")
-        joined = f"{title} {text}".strip() if title.strip() else text
-        if not joined.strip():
-            raise DataError(f"{loc}: document {doc_id!r} has no text")
-        corpus[doc_id] = joined
-
-    all_queries: dict[str, str] = {}
-    for loc, row in _jsonl_objects(paths["queries"]):
-        query_id = _beir_id(row, loc)
-        text = row.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{loc}: query {query_id!r} has no text")
-        all_queries[query_id] = text
-
-    qrels: dict[str, dict[str, int]] = {}
-    with open(paths["qrels"], encoding="utf-8", errors="strict", newline="") as handle:
-        try:
-            for lineno, line in enumerate(handle, 1):
-                if lineno == 1 or not line.strip():  # header: query-id, corpus-id, score
-                    continue
-                fields = line.rstrip("\r\n").split("\t")
-                if len(fields) != 3:
-                    raise DataError(f"{paths['qrels']}:{lineno}: expected 3 tab-separated fields, got {len(fields)}")
-                try:
-                    score = int(fields[2])
-                except ValueError:
-                    raise DataError(f"{paths['qrels']}:{lineno}: score {fields[2]!r} is not an integer") from None
-                if fields[0] not in all_queries:
-                    raise DataError(f"{paths['qrels']}:{lineno}: query {fields[0]!r} is not in {paths['queries']}")
-                qrels.setdefault(fields[0], {})[fields[1]] = score
-        except UnicodeDecodeError:
-            raise DataError(f"{paths['qrels']}: not valid UTF-8") from None
-    queries = {qid: all_queries[qid] for qid in qrels}
-    return corpus, queries, qrels

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import bm25s
+
 from distill.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -220,8 +222,6 @@ def mine_negatives(queries: list[str], positives: list[int], corpus: list[str], 
 
     Shortfalls are filled with seeded random corpus indices, also excluding the positive and the chosen ones.
     """
-    import bm25s
-
     if len(corpus) <= k:
         raise DataError(f"the training corpus has {len(corpus)} passages; at least {k + 1} are needed for {k} negatives")
     retriever = bm25s.BM25()

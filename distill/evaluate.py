@@ -550,7 +550,7 @@ def _teacher_embeddings(
     emb = encode_eval_set(
         data.queries, data.corpus, data.qrels, lambda texts, role: teacher.encode(texts, role, batch_size)
     )
-    del teacher
+    teacher = None  # free the teacher before the student loads
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return emb

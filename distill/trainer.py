@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 DONE_MARKER = "DONE"
 # Keys that may change between a run and its resume without changing what is trained.
-_RESUME_TOLERANT = {("training", "save_steps"), ("training", "keep_last"), ("training", "logging_steps"),
-                    ("training", "dist_timeout_s"), ("training", "num_threads"), ("eval", "every_n_steps")}
+_RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
+                                              "num_threads", "skip_phase1", "skip_phase2", "save_to_artifacts")}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -196,19 +196,23 @@ class Trainer:
     # ---- run ----
     def run(self) -> Path:
         resume = self._find_resume()
-        phases = [p for p in (1, 2) if not getattr(self.cfg.training, f"skip_phase{p}")]
         if resume is not None:
             log.info("resuming from %s (phase %d, step %d)", resume.path, resume.state.phase, resume.state.step)
-            phases = [p for p in phases if p >= resume.state.phase]
-        elif phases[0] == 2:
-            self._load_phase1_weights()
-        for p in phases:
+            self.model.load_state_dict(resume.model_state)
+        trained_here: set[int] = set()
+        for p in self.phases:
+            if resume is not None and (p < resume.state.phase or (p == resume.state.phase and resume.state.phase_done)):
+                continue  # finished before the restart
             ckpt = resume if resume is not None and resume.state.phase == p else None
-            if ckpt is not None and ckpt.state.phase_done:
-                self.model.load_state_dict(ckpt.model_state)
-                continue
+            if p == 2 and ckpt is None and 1 not in trained_here:
+                self._load_phase1_weights()
             self.train_phase(p, ckpt)
+            trained_here.add(p)
         return self.finish()
+
+    @property
+    def phases(self) -> list[int]:
+        return [p for p in (1, 2) if not getattr(self.cfg.training, f"skip_phase{p}")]
 
     def _find_resume(self) -> LoadedCheckpoint | None:
         ckpt = load_latest(self.ckpt_dir) if self.info.is_main else None
@@ -219,7 +223,7 @@ class Trainer:
             from distill.checkpoint import load_checkpoint
 
             ckpt = load_checkpoint(Path(path))
-        changed = _config_diff(ckpt.config, self.cfg.to_dict())
+        changed = _config_diff(ckpt.config, self.cfg.to_dict(), ckpt.state)
         if changed and not self.allow_config_change:
             raise CheckpointError(
                 f"{ckpt.path}: the config changed since this checkpoint ({', '.join(changed[:5])}); resume with the "
@@ -300,14 +304,10 @@ class Trainer:
                                         work)
         tables = (data_mod.tokenize_table(data.queries, self.tokenizer, max_len, work),
                   data_mod.tokenize_table(data.documents, self.tokenizer, max_len, work))
-        ex = data.examples
-        if phase == 1:
-            lengths = np.zeros(len(ex), dtype=np.int64)
-            for role in (0, 1):
-                sel = ex[:, 0] == role
-                lengths[sel] = tables[role].lengths[ex[sel, 1]]
-        else:
-            lengths = tables[0].lengths[ex[:, 0]] + tables[1].lengths[ex[:, 1:]].max(axis=1)
+        from distill.sampling import phase1_lengths, phase2_lengths
+
+        lengths_fn = phase1_lengths if phase == 1 else phase2_lengths
+        lengths = lengths_fn(data.examples, tables[0].lengths, tables[1].lengths)
         return data, tables, np.asarray(lengths, dtype=np.int64)
 
     def _loss(self, phase: int, gather: bool = True) -> nn.Module:
@@ -518,7 +518,8 @@ class Trainer:
             if self.cfg.training.save_to_artifacts:
                 copy_tree_atomic(final, self.cfg.artifact_dir)
                 log.info("saved the model to %s", self.cfg.artifact_dir)
-            (self.run_dir / DONE_MARKER).write_text("done\n")
+            done = set(finished_phases(self.run_dir)) | set(self.phases)
+            write_json_atomic(self.run_dir / DONE_MARKER, {"phases": sorted(done)})
             log.info("final model: %s", final)
         D.barrier()
         return self.cfg.artifact_dir if self.cfg.training.save_to_artifacts else final
@@ -664,15 +665,29 @@ def _max_student_length(student) -> int:
     return min(limits) if limits else 512
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def _config_diff(old: dict[str, Any], new: dict[str, Any], state: TrainState) -> list[str]:
+    """Keys whose change would make the resumed run differ from an uninterrupted one.
+
+    A checkpoint taken at the end of a phase only fixes the model's shape; one taken mid-phase also fixes that phase's
+    hyper-parameters, the data, the teacher targets' dtype and the training settings.
+    """
+    sections = ["model"] if state.phase_done else ["model", f"phase{state.phase}", "data", "cache", "training"]
     out = []
-    for section, values in new.items():
-        for key, value in (values or {}).items():
+    for section in sections:
+        for key, value in (new.get(section) or {}).items():
             if (section, key) in _RESUME_TOLERANT:
                 continue
             if old.get(section, {}).get(key) != value:
                 out.append(f"{section}.{key}")
     return out
+
+
+def finished_phases(run_dir: Path) -> list[int]:
+    """Phases a previous run of this experiment completed and exported (read from its DONE marker)."""
+    try:
+        return list(json.loads((run_dir / DONE_MARKER).read_text(encoding="utf-8"))["phases"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -691,8 +706,8 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     if cfg.training.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     seed_everything(cfg.training.seed, info.rank)
-    done = cfg.run_dir / DONE_MARKER
-    if done.exists() and not overwrite:
+    wanted = [p for p in (1, 2) if not getattr(cfg.training, f"skip_phase{p}")]
+    if set(wanted) <= set(finished_phases(cfg.run_dir)) and not overwrite:
         raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
                            "train it again (its checkpoints and final model will be replaced)")
     if overwrite and info.is_main and cfg.run_dir.exists():

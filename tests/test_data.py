@@ -24,7 +24,6 @@ from distill.data import (  # noqa: E402
     TextTable,
     load_phase1,
     load_phase2,
-    read_beir,
     tokenize_table,
 )
 from distill.errors import ConfigError, DataError  # noqa: E402
@@ -441,15 +440,22 @@ def test_prepared_folder_is_reused_and_invalidated(tmp_path: Path, monkeypatch: 
 
 
 @pytest.fixture(scope="module")
-def student_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import build_tiny_student
+
+    return build_tiny_student(tmp_path_factory.mktemp("student") / "model")
+
+
+@pytest.fixture(scope="module")
+def student_tokenizer(student_dir: Path):
     from transformers import AutoTokenizer
 
-    folder = build_tiny_student(tmp_path_factory.mktemp("student") / "model")
-    return AutoTokenizer.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(student_dir))
 
 
-def test_tokenize_table_once_and_cached(tmp_path: Path, student_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokenize_table_once_and_cached(
+    tmp_path: Path, student_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     texts = ["short one", "a somewhat longer text about the module and its functions " * 5, "x"]
     table = TextTable.from_texts("document", texts)
     tokens = tokenize_table(table, student_tokenizer, 16, tmp_path / "work")
@@ -486,29 +492,6 @@ def test_tokenize_prepared_table(tmp_path: Path, student_tokenizer: Any) -> None
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _beir(folder: Path, qrels: str) -> Path:
-    (folder / "qrels").mkdir(parents=True)
-    write_jsonl(folder / "corpus.jsonl", [{"_id": "d1", "title": "Title", "text": "body one"},
-                                          {"_id": "d2", "title": "", "text": "body two"}])
-    write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "first?"}, {"_id": "q2", "text": "second?"},
-                                           {"_id": "q3", "text": "unjudged"}])
-    (folder / "qrels" / "test.tsv").write_text(qrels, encoding="utf-8")
-    return folder
-
-
-def test_read_beir(tmp_path: Path) -> None:
-    folder = _beir(tmp_path / "ok", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\nq2\td2\t2\n")
-    corpus, queries, qrels = read_beir(folder)
-    assert corpus == {"d1": "Title body one", "d2": "body two"}
-    assert queries == {"q1": "first?", "q2": "second?"}
-    assert qrels == {"q1": {"d1": 1, "d2": 0}, "q2": {"d2": 2}}
-    bad = _beir(tmp_path / "bad", "query-id\tcorpus-id\tscore\nq1\td1\tx\n")
-    with pytest.raises(DataError, match=r"qrels/test\.tsv:2: score 'x' is not an integer"):
-        read_beir(bad)
-    with pytest.raises(DataError, match=r"qrels/dev\.tsv: file not found"):
-        read_beir(folder, split="dev")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # torchrun: rank 0 prepares, every rank reads; a rank-0 error reaches every rank
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,12 +500,13 @@ _DDP_SCRIPT = '''
 import json, sys
 from pathlib import Path
 from distill.distributed import init_distributed, shutdown
-from distill.data import load_phase2
+from transformers import AutoTokenizer
+from distill.data import load_phase2, tokenize_table
 from distill.errors import DataError
 from test_data import DataConfig, SourceConfig
 
 info = init_distributed(timeout_s=60)
-good, bad, work, out = sys.argv[1:5]
+good, bad, work, out, student = sys.argv[1:6]
 result = {}
 for label, path in (("good", good), ("bad", bad)):
     try:
@@ -530,19 +514,23 @@ for label, path in (("good", good), ("bad", bad)):
         result[label] = {"queries": p2.queries[:], "documents": p2.documents[:], "examples": p2.examples.tolist()}
     except DataError as err:
         result[label] = {"error": str(err)}
+    if label == "good":
+        tokens = tokenize_table(p2.documents, AutoTokenizer.from_pretrained(student), 12, work)
+        result["tokens"] = tokens.input_ids(range(len(tokens)))
+        result["lengths"] = tokens.lengths.tolist()
 Path(out, f"rank{info.rank}.json").write_text(json.dumps(result))
 shutdown()
 '''
 
 
-def test_load_phase2_under_torchrun(tmp_path: Path) -> None:
+def test_load_phase2_under_torchrun(tmp_path: Path, student_dir: Path, student_tokenizer: Any) -> None:
     from tiny_models import run_torchrun
 
     good = write_jsonl(tmp_path / "good.jsonl", flag_rows(12, negs=3))
     bad = write_jsonl(tmp_path / "bad.jsonl", [*flag_rows(2), "{oops"])
     script = tmp_path / "ddp_data.py"
     script.write_text(_DDP_SCRIPT)
-    proc = run_torchrun(script, 2, [good, bad, tmp_path / "work", tmp_path], timeout=180)
+    proc = run_torchrun(script, 2, [good, bad, tmp_path / "work", tmp_path, student_dir], timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
@@ -550,4 +538,8 @@ def test_load_phase2_under_torchrun(tmp_path: Path) -> None:
     assert len(rank0["good"]["examples"]) == 5 and len(rank0["good"]["queries"]) == 5
     assert rank0["bad"] == rank1["bad"] == {"error": f"{bad}:3: malformed JSON (Expecting property name enclosed "
                                                      f"in double quotes at column 2)"}
-    assert len(list((tmp_path / "work").iterdir())) == 1  # one prepared folder, written once
+    assert rank0["tokens"] == rank1["tokens"]
+    assert rank0["tokens"] == student_tokenizer(rank0["good"]["documents"], truncation=True, max_length=12)["input_ids"]
+    assert rank0["lengths"] == [len(ids) for ids in rank0["tokens"]]
+    # one prepared folder and one token cache, each written once (no leftover temporary folders)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "work").iterdir()) == ["phase2", "tokens"]

@@ -20,6 +20,7 @@ from distill import evaluate as ev
 from distill.errors import ConfigError, DataError, DistillError
 
 REPO = Path(__file__).resolve().parents[1]
+HEADER = "query-id\tcorpus-id\tscore"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -321,13 +322,13 @@ def test_read_beir_valid(tmp_path):
     [
         ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n', r"corpus\.jsonl:2: invalid JSON"),
         ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n\n{"text": "b"}\n', r"corpus\.jsonl:3: missing or invalid '_id'"),
-        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d1", "text": "b"}\n', r"corpus\.jsonl:2: duplicate _id 'd1'"),
+        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d1"}\n', r"corpus\.jsonl:2: duplicate _id 'd1'"),
         ("queries.jsonl", '{"_id": "q1", "text": 5}\n', r"queries\.jsonl:1: 'text' must be a string, got int"),
         ("queries.jsonl", '["q1", "text"]\n', r"queries\.jsonl:1: expected a JSON object, got list"),
-        ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td1\tx\n", r"test\.tsv:3: score 'x' is not an integer"),
-        ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1 d1 1\n", r"test\.tsv:2: expected 3 tab-separated fields"),
-        ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq7\td1\t1\n", r"test\.tsv:3: query-id 'q7' is not in"),
-        ("qrels/test.tsv", "query-id\tcorpus-id\tscore\n", r"test\.tsv: no qrels"),
+        ("qrels/test.tsv", f"{HEADER}\nq1\td1\t1\nq1\td1\tx\n", r"test\.tsv:3: score 'x' is not an integer"),
+        ("qrels/test.tsv", f"{HEADER}\nq1 d1 1\n", r"test\.tsv:2: expected 3 tab-separated fields"),
+        ("qrels/test.tsv", f"{HEADER}\nq1\td1\t1\nq7\td1\t1\n", r"test\.tsv:3: query-id 'q7' is not in"),
+        ("qrels/test.tsv", f"{HEADER}\n", r"test\.tsv: no qrels"),
     ],
 )
 def test_read_beir_errors_name_file_and_line(tmp_path, target, content, message):

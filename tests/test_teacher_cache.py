@@ -407,6 +407,7 @@ n2 = cache.fill(ns, make_texts(41)[10:30] + make_texts(10, prefix="new"), enc2, 
 
 # Rank 0 corrupts one shard written by rank 1; a fresh cache object on every rank must recompute exactly it.
 corrupted = 0
+barrier()  # rank 1 may still be reading the index when rank 0 returns from fill
 if info.rank == 0:
     victim = sorted((root / ns).glob("shard-r00001-*.emb.npy"))[0]
     corrupted = json.loads(victim.with_name(victim.name.replace(".emb.npy", ".json")).read_text())["rows"]
@@ -415,7 +416,8 @@ if info.rank == 0:
     victim.write_bytes(bytes(data))
 barrier()
 enc3 = FakeEncoder()
-n3 = TeacherCache(root, shard_size=4).fill(ns, texts, enc3, batch_size=3, progress=False)
+everything = texts + make_texts(10, prefix="new")
+n3 = TeacherCache(root, shard_size=4).fill(ns, everything, enc3, batch_size=3, progress=False)
 (out / f"rank{{info.rank}}.json").write_text(json.dumps(dict(
     n1=n1, n2=n2, n3=n3, texts1=enc1.texts, texts2=enc2.texts, texts3=enc3.texts, corrupted=corrupted)))
 shutdown()
@@ -430,7 +432,7 @@ def test_two_ranks_share_the_work(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-12000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
 
     # Phase 1: 41 distinct texts split 21 / 20, no text encoded twice.

@@ -1,0 +1,166 @@
+"""End to end: train_ddp.py under real torchrun (2 ranks, gloo, CPU) on tiny models and real docstring text."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_data import tiny_config_yaml, write_training_files
+from tiny_models import REPO_ROOT, run_torchrun
+
+
+def train_single(config: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "train_ddp.py", "--config", str(config), *extra], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_records(run_dir: Path, phase: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == "train" and r["phase"] == phase]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def assert_loss_falls(records: list[dict]) -> None:
+    losses = [r["loss"] for r in records]
+    k = max(2, len(losses) // 4)
+    assert mean(losses[-k:]) < mean(losses[:k]), losses
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    return write_training_files(tmp_path_factory.mktemp("data"))
+
+
+def _ddp_run(tmp: Path, teacher: Path, student: Path, files, use_projection: bool) -> tuple[Path, str]:
+    cfg = tiny_config_yaml(tmp, teacher, student, files, use_projection=use_projection)
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg)], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    name = "distilled-model-48d-tiny" if use_projection else "distilled-model-32d-tiny"
+    return tmp / "out" / name, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def projection_run(tmp_path_factory, tiny_teacher_dir, tiny_student_dir, data_files):
+    return _ddp_run(tmp_path_factory.mktemp("proj"), tiny_teacher_dir, tiny_student_dir, data_files, True)
+
+
+@pytest.fixture(scope="module")
+def mrl_run(tmp_path_factory, tiny_teacher_dir, tiny_student_dir, data_files):
+    return _ddp_run(tmp_path_factory.mktemp("mrl"), tiny_teacher_dir, tiny_student_dir, data_files, False)
+
+
+def test_projection_two_ranks_trains_both_phases(projection_run):
+    run_dir, log = projection_run
+    for phase in ("phase1", "phase2"):
+        records = train_records(run_dir, phase)
+        assert records, f"no {phase} records"
+        assert_loss_falls(records)
+    assert (run_dir / "phase1" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "DONE").read_text()) == {"phases": [1, 2]}
+    # Two ranks: the global batch is twice the per-rank batch.
+    assert "global batch 16" in log
+
+
+def test_projection_artifact_encodes_teacher_dim(projection_run):
+    from sentence_transformers import SentenceTransformer
+
+    run_dir, _ = projection_run
+    model = SentenceTransformer(str(run_dir / "final"), device="cpu")
+    emb = model.encode(["How do I copy a file?", "shutil.copy copies a file"], convert_to_tensor=True)
+    assert emb.shape == (2, 48)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)  # final Normalize after the head
+    kinds = [type(m).__name__ for m in model]
+    assert kinds[-3:] == ["Dense", "Dense", "Normalize"]
+    for f in ("report.md", "report.json", "metrics.jsonl", "distill_config.yaml", "loss_phase1.png"):
+        assert (run_dir / "final" / f).stat().st_size > 0, f
+
+
+def test_teacher_forwards_equal_unique_texts(projection_run, data_files):
+    run_dir, _ = projection_run
+    summary = json.loads((run_dir / "final" / "distill_summary.json").read_text())
+    p1 = [json.loads(x) for x in data_files["phase1"].read_text().splitlines()]
+    unique = len({r["query"] for r in p1}) + len({r["positive"] for r in p1})
+    # Phase 1 embeds every query and passage once; phase 2 reuses them (its negatives are phase-1 passages too).
+    assert summary["teacher_forward_passes"] == {"phase1": unique, "phase2": 0}
+    assert summary["padding_efficiency"]["phase1"] >= 0.8
+
+
+def test_mrl_two_ranks(mrl_run):
+    from sentence_transformers import SentenceTransformer
+
+    run_dir, _ = mrl_run
+    for phase in ("phase1", "phase2"):
+        assert_loss_falls(train_records(run_dir, phase))
+    model = SentenceTransformer(str(run_dir / "final"), device="cpu")
+    assert model.encode(["a query"]).shape == (1, 32)
+    assert not any(type(m).__name__ == "Dense" for m in model)
+    small = SentenceTransformer(str(run_dir / "final"), device="cpu", truncate_dim=8)
+    assert small.encode(["a query"]).shape == (1, 8)
+    report = json.loads((run_dir / "final" / "report.json").read_text())
+    dims = sorted(r["dim"] for r in report["eval"]["rows"] if r["setting"].startswith("student"))
+    assert dims == [8, 16, 32]
+
+
+def test_skip_phase1_reuses_phase1_result(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files,
+                           extra="")
+    res = train_single(cfg, "--set", "training.skip_phase2=true", "--set", "phase1.num_epochs=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "out" / "distilled-model-48d-tiny"
+    phase1 = load_file(str(run_dir / "phase1" / "model.safetensors"))
+    # Phase 2 alone, with a learning rate so small the weights cannot move: the result must be phase 1's weights.
+    res = train_single(cfg, "--set", "training.skip_phase1=true", "--set", "phase2.learning_rate=1.0e-12",
+                       "--set", "phase1.num_epochs=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "phase 2 starts from the phase-1 weights" in res.stderr
+    final = load_file(str(run_dir / "phase2" / "model.safetensors"))
+    assert final.keys() == phase1.keys()
+    for k in phase1:
+        assert torch.allclose(final[k], phase1[k], atol=1e-6), k
+    assert json.loads((run_dir / "DONE").read_text()) == {"phases": [1, 2]}
+    # Both phases done: a rerun refuses to overwrite the finished experiment.
+    res = train_single(cfg, "--set", "training.skip_phase1=true", "--set", "phase1.num_epochs=1")
+    assert res.returncode == 2 and "already finished" in res.stderr and "--overwrite" in res.stderr
+
+
+def test_skip_phase1_without_phase1_result_names_the_path(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
+    res = train_single(cfg, "--set", "training.skip_phase1=true")
+    assert res.returncode == 2
+    err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert str(tmp_path / "out" / "distilled-model-48d-tiny" / "phase1" / "model.safetensors") in err[0]
+
+
+def test_dim_mismatch_is_reported(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
+    res = train_single(cfg, "--set", "model.student_dim=64")
+    assert res.returncode == 2
+    assert "model.student_dim is 64 but" in res.stderr and "outputs 32-d embeddings" in res.stderr
+    res = train_single(cfg, "--set", "model.teacher_dim=50")
+    assert res.returncode == 2
+    assert "model.teacher_dim is 50 but" in res.stderr and "48-d" in res.stderr
+
+
+def test_dry_run_prints_the_plan_and_loads_no_weights(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
+    res = train_single(cfg, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for needle in ("experiment   distilled-model-48d-tiny", "projection: student 32-d -> head 32->64->48",
+                   "examples   192", "examples   96", "8/rank, 8 global, x2 accumulation = 16 per optimizer step",
+                   "24 optimizer steps", "final model", str(tmp_path / "out")):
+        assert needle in out, needle
+    assert not (tmp_path / "out").exists()  # nothing written, no weights loaded
+    assert "Loading SentenceTransformer" not in res.stderr
