@@ -88,6 +88,32 @@ def pad_chunks(seqs: list[list[int]], pad_id: int, chunk_size: int, device: torc
     return Encoded(chunks, restore.to(device), sum(len(s) for s in seqs), padded)
 
 
+@dataclass
+class _Phase2Inputs:
+    """Tokenized queries and documents of a phase-2 micro-batch with their teacher targets."""
+
+    enc_q: Encoded
+    enc_d: Encoded
+    tq: torch.Tensor  # [b, D_t]
+    td: torch.Tensor  # [b * (1 + k), D_t]
+    doc_ids: torch.Tensor  # [b * (1 + k)]
+
+    @property
+    def real_tokens(self) -> int:
+        return self.enc_q.real_tokens + self.enc_d.real_tokens
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.enc_q.padded_tokens + self.enc_d.padded_tokens
+
+    def loss(self, loss_fn: nn.Module, out: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``out``: embeddings of the query chunks then the document chunks, in chunk order."""
+        b = self.tq.shape[0]
+        q = out[:b][self.enc_q.restore]
+        docs = out[b:][self.enc_d.restore]
+        return loss_fn(q.float(), docs.float(), self.doc_ids, self.tq, self.td)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Teacher targets
 # --------------------------------------------------------------------------------------------------------------------
@@ -345,7 +371,7 @@ class Trainer:
         if not D.is_distributed():
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(self.model, device_ids=ids, find_unused_parameters=False)
+        return DDP(self.model, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
 
     def _batch_loss(self, phase, data, tables, targets, loss_fn, model, batch) -> tuple[torch.Tensor, dict, int, int]:
         """Loss of one micro-batch of example indices; returns (loss, terms, real tokens, padded tokens)."""
@@ -368,21 +394,37 @@ class Trainer:
                 teacher[torch.from_numpy(~qmask)] = targets.document(rows[~qmask])
             loss, terms = loss_fn(emb.float(), teacher.to(self.device))
             return loss, terms, enc.real_tokens, enc.padded_tokens
-        q_rows, d_rows = ex[:, 0], ex[:, 1:].reshape(-1)
-        q_seqs = tables[0].input_ids(q_rows)
-        d_seqs = tables[1].input_ids(d_rows)
-        b = len(q_rows)
-        enc_q = pad_chunks(q_seqs, pad, b, self.device)
-        enc_d = pad_chunks(d_seqs, pad, b, self.device)
+        inp = self._phase2_inputs(ex, tables, targets, pad, len(ex))
         with amp:
-            out = model(enc_q.chunks + enc_d.chunks)
-        q = out[:b][enc_q.restore]
-        docs = out[b:][enc_d.restore]
-        tq = targets.query(q_rows).to(self.device)
-        td = targets.document(d_rows).to(self.device)
-        doc_ids = torch.from_numpy(np.ascontiguousarray(d_rows)).to(self.device)
-        loss, terms = loss_fn(q.float(), docs.float(), doc_ids, tq, td)
-        return loss, terms, enc_q.real_tokens + enc_d.real_tokens, enc_q.padded_tokens + enc_d.padded_tokens
+            out = model(inp.enc_q.chunks + inp.enc_d.chunks)
+        loss, terms = inp.loss(loss_fn, out)
+        return loss, terms, inp.real_tokens, inp.padded_tokens
+
+    def _phase2_inputs(self, ex: np.ndarray, tables, targets, pad: int, chunk_size: int) -> _Phase2Inputs:
+        q_rows, d_rows = ex[:, 0], ex[:, 1:].reshape(-1)
+        enc_q = pad_chunks(tables[0].input_ids(q_rows), pad, chunk_size, self.device)
+        enc_d = pad_chunks(tables[1].input_ids(d_rows), pad, chunk_size, self.device)
+        return _Phase2Inputs(enc_q, enc_d, targets.query(q_rows).to(self.device),
+                             targets.document(d_rows).to(self.device),
+                             torch.from_numpy(np.ascontiguousarray(d_rows)).to(self.device))
+
+    def _cached_phase2(self, data, tables, targets, loss_fn, model, batch, scale: float, no_sync, sync_last: bool):
+        """Phase-2 micro-batch with GradCache (:mod:`distill.gradcache`): forward+backward in mini-batch chunks."""
+        from distill.gradcache import cached_backward
+
+        ex = data.examples[np.asarray(batch)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        inp = self._phase2_inputs(ex, tables, targets, pad, self.cfg.phase2.mini_batch_size)
+        precision = self.cfg.training.precision
+        amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+        def forward(chunk):
+            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=precision != "fp32"):
+                return model([chunk])
+
+        loss, terms = cached_backward(forward, inp.enc_q.chunks + inp.enc_d.chunks, lambda e: inp.loss(loss_fn, e),
+                                      scale=scale, no_sync=no_sync, sync_last=sync_last, device=self.device)
+        return loss, terms, inp.real_tokens, inp.padded_tokens
 
     # ---- checkpoints ----
     def _restore(self, ckpt: LoadedCheckpoint, optimizer, scheduler, scaler) -> TrainState:
@@ -565,6 +607,8 @@ class _PhaseRunner:
             loss_sum, terms_sum, n = self._accumulate(group)
             stats = D.all_reduce_sum(torch.tensor([loss_sum, float(not math.isfinite(loss_sum)), n,
                                                    float(tr._stop_requested)], dtype=torch.float64))
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.pcfg.max_grad_norm or float("inf"))
             finite = stats[1] == 0 and bool(torch.isfinite(grad_norm))
             self._step(finite, grad_norm)
@@ -594,16 +638,23 @@ class _PhaseRunner:
         """Forward/backward every micro-batch of one optimizer step; gradients sync only on the last one."""
         tr = self.tr
         loss_sum, terms_sum, n = 0.0, {}, 0
+        is_ddp = isinstance(self.ddp, DDP)
+        cached = self.phase == 2 and tr.cfg.phase2.cached_infonce
         for j, batch in enumerate(group):
             last = j == len(group) - 1
-            sync = contextlib.nullcontext() if last or not isinstance(self.ddp, DDP) else self.ddp.no_sync()
-            with sync:
-                loss, terms, real, padded = tr._batch_loss(self.phase, self.data, self.tables, self.targets,
-                                                           self.loss_fn, self.ddp, batch)
-                scaled = loss / len(group)
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+            if cached:
+                loss, terms, real, padded = tr._cached_phase2(
+                    self.data, self.tables, self.targets, self.loss_fn, self.ddp, batch, 1.0 / len(group),
+                    self.ddp.no_sync if is_ddp else None, sync_last=last)
+            else:
+                sync = contextlib.nullcontext() if last or not is_ddp else self.ddp.no_sync()
+                with sync:
+                    loss, terms, real, padded = tr._batch_loss(self.phase, self.data, self.tables, self.targets,
+                                                               self.loss_fn, self.ddp, batch)
+                    scaled = loss / len(group)
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                    scaled.backward()
             loss_sum += float(loss.detach())
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v)
@@ -705,6 +756,8 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
         torch.set_num_threads(cfg.training.num_threads)
     if cfg.training.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce:
+        raise ConfigError("phase2.cached_infonce works with training.precision bf16 or fp32, not fp16")
     seed_everything(cfg.training.seed, info.rank)
     wanted = [p for p in (1, 2) if not getattr(cfg.training, f"skip_phase{p}")]
     if set(wanted) <= set(finished_phases(cfg.run_dir)) and not overwrite:

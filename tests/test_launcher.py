@@ -20,13 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 RUN_DDP = REPO / "run_ddp.sh"
 SBATCH = REPO / "scripts" / "slurm_distill.sbatch"
 VENV_BIN = Path(sys.executable).parent
+BASH = shutil.which("bash") or "/bin/bash"  # absolute: the tests run with a PATH that lacks it
 
 # Variables the scripts read; cleared so the developer's shell cannot change what a test sees.
 _LAUNCH_VARS = ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_BACKEND",
                 "RDZV_ENDPOINT", "RDZV_PORT", "MAX_RESTARTS", "OMP_NUM_THREADS", "PYTHON", "CUDA_VISIBLE_DEVICES",
                 "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "GPUS_PER_NODE", "DISTILL_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 # System tools the two scripts call; linked into a private bin dir so PATH holds nothing else (no real torchrun).
-_TOOLS = ("dirname", "basename", "nproc", "getconf", "grep", "sed", "head", "date", "sleep", "cat", "env")
+_TOOLS = ("bash", "dirname", "basename", "nproc", "getconf", "grep", "sed", "head", "date", "sleep", "cat", "env")
 
 FAKE_TORCHRUN = r"""#!/bin/bash
 # Records how it was called; FAKE_MODE=exitN exits with N, FAKE_MODE=wait runs until SIGTERM.
@@ -34,7 +35,8 @@ out=${FAKE_OUT:?}
 printf '%s\n' "$0" "$@" > "$out/torchrun_args.txt"
 printf 'OMP_NUM_THREADS=%s\nTORCH_ELASTIC_SHUTDOWN_TIMEOUT=%s\n' "${OMP_NUM_THREADS-}" \
     "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT-}" > "$out/torchrun_env.txt"
-case "${FAKE_MODE:-exit0}" in
+mode=${FAKE_MODE:-exit0}
+case "$mode" in
     wait)
         trap 'echo TERM >> "$out/signals.txt"; kill "$sleeper" 2>/dev/null; exit 143' TERM
         sleep 60 &
@@ -43,7 +45,7 @@ case "${FAKE_MODE:-exit0}" in
         wait "$sleeper"
         exit 0
         ;;
-    exit*) exit "${FAKE_MODE#exit}" ;;
+    exit*) exit "${mode#exit}" ;;
 esac
 """
 
@@ -99,7 +101,7 @@ def fake(tmp_path: Path):
             return env
 
         def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run(["bash", str(RUN_DDP), *args], env=self.env(**extra), capture_output=True,
+            return subprocess.run([BASH, str(RUN_DDP), *args], env=self.env(**extra), capture_output=True,
                                   text=True, timeout=60, cwd=tmp_path)
 
         def torchrun_args(self) -> list[str]:
@@ -123,7 +125,7 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
     env.update(NPROC="2", PATH=f"{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    res = subprocess.run(["bash", str(RUN_DDP), str(config), "--dry-run"], env=env, capture_output=True, text=True,
+    res = subprocess.run([BASH, str(RUN_DDP), str(config), "--dry-run"], env=env, capture_output=True, text=True,
                          timeout=180, cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
@@ -145,13 +147,13 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
 
 
 def test_missing_config_fails_with_clear_message(tmp_path):
-    res = subprocess.run(["bash", str(RUN_DDP), str(tmp_path / "nope.yaml"), "--dry-run"], capture_output=True,
+    res = subprocess.run([BASH, str(RUN_DDP), str(tmp_path / "nope.yaml"), "--dry-run"], capture_output=True,
                          text=True, timeout=30)
     assert res.returncode == 2
     assert f"run_ddp.sh: error: config file not found: {tmp_path / 'nope.yaml'}" in res.stderr
     assert "running:" not in res.stdout
 
-    res = subprocess.run(["bash", str(RUN_DDP)], capture_output=True, text=True, timeout=30)
+    res = subprocess.run([BASH, str(RUN_DDP)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "run_ddp.sh: error: missing CONFIG" in res.stderr
 
@@ -294,7 +296,7 @@ def test_exit_status_of_torchrun_is_returned(fake):
 
 
 def test_sbatch_script_syntax_and_directives():
-    res = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True, timeout=30)
+    res = subprocess.run([BASH, "-n", str(SBATCH)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     directives = [line.split("#", 2)[1].split()[1] for line in SBATCH.read_text().splitlines()
                   if line.startswith("#SBATCH")]
@@ -308,7 +310,7 @@ def _slurm_env(fake, **extra: str) -> dict[str, str]:
 
 
 def test_sbatch_launches_one_torchrun_per_node_with_c10d(fake):
-    res = subprocess.run(["bash", str(SBATCH), str(fake.config), "--set", "phase2.temperature=0.05"],
+    res = subprocess.run([BASH, str(SBATCH), str(fake.config), "--set", "phase2.temperature=0.05"],
                          env=_slurm_env(fake), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     srun = (fake.out / "srun_args.txt").read_text().splitlines()
@@ -324,14 +326,14 @@ def test_sbatch_launches_one_torchrun_per_node_with_c10d(fake):
 
 
 def test_sbatch_failure_is_not_requeued(fake):
-    res = subprocess.run(["bash", str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="exit3"),
+    res = subprocess.run([BASH, str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="exit3"),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 3
     assert not (fake.out / "requeue.txt").exists()
 
 
 def test_sbatch_forwards_sigterm_and_requeues(fake):
-    proc = subprocess.Popen(["bash", str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="wait"),
+    proc = subprocess.Popen([BASH, str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="wait"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -352,7 +354,7 @@ def test_sbatch_forwards_sigterm_and_requeues(fake):
 
 
 def test_sbatch_rejects_missing_config(fake):
-    res = subprocess.run(["bash", str(SBATCH), "configs/does-not-exist.yaml"], env=_slurm_env(fake),
+    res = subprocess.run([BASH, str(SBATCH), "configs/does-not-exist.yaml"], env=_slurm_env(fake),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "config file not found: configs/does-not-exist.yaml" in res.stderr
