@@ -10,7 +10,7 @@ docstring (at least ``MIN_BODY_WORDS`` = 10 words, cut to 256 words) titled with
 not repeated in the passage, so the query has to be matched by meaning, and the qualified name (``inspect.isframe``)
 only helps a model that can relate names to descriptions. Units whose summary or body occurs more than once in
 the stdlib (e.g. "Emit a record.") are dropped entirely, so every query has exactly one relevant passage and
-copies cannot leak across the split. Passages used for training are ``f"{title} {text}"``, the same join that
+copies cannot leak across the split; so are docstrings whose body repeats the summary verbatim. Passages used for training are ``f"{title} {text}"``, the same join that
 BEIR-style evaluators apply to ``corpus.jsonl`` (``title`` + " " + ``text``).
 
 Split: units are grouped by top-level package (``email.mime.text`` -> ``email``; the pure-Python twins
@@ -159,7 +159,8 @@ def split_docstring(doc: str) -> tuple[str, str] | None:
 def harvest(root: Path | None = None) -> list[Unit]:
     """All usable units of the stdlib at ``root`` (default: this interpreter's), in a deterministic order.
 
-    Units whose summary (case-insensitive) or body occurs more than once are dropped, every copy of them.
+    Units whose summary (case-insensitive) or body occurs more than once are dropped, every copy of them, and so
+    are units whose body repeats the summary verbatim (the query would be a substring of its passage).
     """
     root = Path(root or sysconfig.get_paths()["stdlib"])
     files = stdlib_files(root)
@@ -181,7 +182,8 @@ def harvest(root: Path | None = None) -> list[Unit]:
                 units.append(Unit(qualname, group, *split))
     query_counts = Counter(u.query.casefold() for u in units)
     body_counts = Counter(u.body for u in units)
-    return [u for u in units if query_counts[u.query.casefold()] == 1 and body_counts[u.body] == 1]
+    return [u for u in units if query_counts[u.query.casefold()] == 1 and body_counts[u.body] == 1
+            and u.query.casefold() not in u.body.casefold()]
 
 
 # --------------------------------------------------------------------------------------------------------------

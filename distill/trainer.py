@@ -9,7 +9,6 @@ log, checkpoint, evaluate. Losses and models know nothing of this loop.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -18,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -40,7 +39,8 @@ from distill.config import Config, dump_config
 from distill.errors import CheckpointError, ConfigError, DistillError
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
-from distill.models import DistillModel, TeacherEncoder, build_projection_head, check_dims, load_student, teacher_spec_from_config
+from distill.cache import build_teacher_targets, eval_teacher_embeddings
+from distill.models import DistillModel, build_projection_head, check_dims, load_student
 
 log = logging.getLogger(__name__)
 
@@ -112,61 +112,6 @@ class _Phase2Inputs:
         q = out[:b][self.enc_q.restore]
         docs = out[b:][self.enc_d.restore]
         return loss_fn(q.float(), docs.float(), self.doc_ids, self.tq, self.td)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Teacher targets
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class TeacherTargets:
-    """Teacher embeddings of a phase's query and document tables, looked up by row: ``query(rows)`` -> [n, D_t]."""
-
-    def __init__(self, query_fn: Callable[[np.ndarray], torch.Tensor], document_fn: Callable[[np.ndarray], torch.Tensor],
-                 dim: int, forwards: int):
-        self.query, self.document, self.dim, self.forwards = query_fn, document_fn, dim, forwards
-
-
-def build_teacher_targets(cfg: Config, phase_max_length: int, queries, documents, device: torch.device) -> TeacherTargets:
-    """Fill the teacher cache with every text of the phase (sharded over ranks) and return lookups into it.
-
-    The teacher is loaded only if some text is missing from the cache, and freed right after. With
-    ``cache.enabled: false`` the teacher stays loaded and runs on every batch instead (the naive baseline).
-    """
-    from distill.teacher_cache import TeacherCache
-
-    spec = teacher_spec_from_config(cfg.model, phase_max_length, device)
-    bs = cfg.model.teacher_batch_size
-    if not cfg.cache.enabled:
-        teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
-
-        def inline(table, role):
-            return lambda rows: teacher.encode(table.take(rows), role, bs)
-
-        return TeacherTargets(inline(queries, "query"), inline(documents, "document"), teacher.dim, 0)
-
-    cache = TeacherCache(cfg.cache_root / "teacher", dtype=cfg.cache.dtype, shard_size=cfg.cache.shard_size)
-    holder: dict[str, TeacherEncoder] = {}
-
-    def encoder(role: str) -> Callable[[list[str]], torch.Tensor]:
-        def encode(texts: list[str]) -> torch.Tensor:
-            if "t" not in holder:
-                log.info("loading teacher %s (%s, %s pooling) to fill the cache", spec.name, spec.dtype, spec.pooling)
-                holder["t"] = TeacherEncoder(spec, device, cfg.model.attn_implementation)
-            return holder["t"].encode(texts, role, bs)
-        return encode
-
-    local = 0
-    for role, table in (("query", queries), ("document", documents)):
-        local += cache.fill(spec.fingerprint(role), table, encoder(role), batch_size=bs)
-    holder.clear()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    forwards = int(D.all_reduce_sum(torch.tensor(local)).item())
-    q = cache.lookup(spec.fingerprint("query"), queries)
-    d = cache.lookup(spec.fingerprint("document"), documents)
-    return TeacherTargets(lambda rows: q[rows], lambda rows: d[rows], d.dim, forwards)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -490,29 +435,12 @@ class Trainer:
         return build_export_model(self.student, self.model.head)
 
     def _eval_teacher(self):
-        """Teacher embeddings of the eval set, once per run, from the teacher cache (a collective: all ranks)."""
-        from distill.evaluate import Embeddings, read_beir
-        from distill.teacher_cache import TeacherCache
-
+        """The eval set and its teacher embeddings, once per run (a collective: every rank helps fill the cache)."""
         if getattr(self, "_eval_cache", None) is None:
+            from distill.evaluate import read_beir
+
             beir = read_beir(self.cfg.eval.data, self.cfg.eval.split)
-            spec = teacher_spec_from_config(self.cfg.model, self.cfg.phase2.max_length, self.device)
-            cache = TeacherCache(self.cfg.cache_root / "teacher", dtype=self.cfg.cache.dtype,
-                                 shard_size=self.cfg.cache.shard_size)
-            qids, dids = list(beir.queries), list(beir.corpus)
-            texts = {"query": [beir.queries[i] for i in qids], "document": [beir.corpus[i] for i in dids]}
-            holder: dict[str, TeacherEncoder] = {}
-            for role, items in texts.items():
-                def encode(batch: list[str], role: str = role) -> torch.Tensor:
-                    if "t" not in holder:
-                        holder["t"] = TeacherEncoder(spec, self.device, self.cfg.model.attn_implementation)
-                    return holder["t"].encode(batch, role, self.cfg.model.teacher_batch_size)
-                cache.fill(spec.fingerprint(role), items, encode, batch_size=self.cfg.model.teacher_batch_size)
-            holder.clear()
-            q = cache.lookup(spec.fingerprint("query"), texts["query"])
-            d = cache.lookup(spec.fingerprint("document"), texts["document"])
-            emb = Embeddings(qids, dids, q[np.arange(len(qids))], d[np.arange(len(dids))])
-            self._eval_cache = (beir, emb)
+            self._eval_cache = (beir, eval_teacher_embeddings(self.cfg, beir, self.device))
         return self._eval_cache
 
     def _evaluate(self, phase_name: str, step: int) -> None:

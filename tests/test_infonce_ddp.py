@@ -15,7 +15,6 @@ gradients applies exactly this 1/W, so DDP training on W ranks matches one proce
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -184,7 +184,7 @@ def test_single_node_cpu_defaults(fake):
     env = fake.torchrun_env()
     assert env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))  # all cores for the single process
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "90"
-    assert "running: " + str(fake.bin / "torchrun") + " --standalone" in res.stdout
+    assert "run_ddp.sh: running: torchrun --standalone --nnodes=1 --nproc-per-node=1" in res.stdout
 
 
 def test_user_settings_are_kept(fake):

@@ -20,8 +20,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from distill.errors import CacheError, ConfigError, DataError  # noqa: E402
-from distill.teacher_cache import QUARANTINE_DIR, CachedEmbeddings, TeacherCache, _Index, _Shard, text_keys  # noqa: E402
+from distill.errors import CacheError, ConfigError, DataError
+from distill.teacher_cache import QUARANTINE_DIR, CachedEmbeddings, TeacherCache, _Index, _Shard, text_keys
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -241,6 +241,8 @@ def test_corrupt_shard_is_detected_and_recomputed(tmp_path: Path, caplog: pytest
     lost = shard_texts(tmp_path, victim, texts)
     assert len(lost) in (8, 4)
     _corrupt(ns_dir(tmp_path), victim, kind)
+    if kind != "flip_embeddings":  # the cheap count sees every defect except flipped vector bytes
+        assert TeacherCache(tmp_path).count_missing(NS, texts) == len(lost)
 
     enc = FakeEncoder()
     with caplog.at_level(logging.WARNING, logger="distill.teacher_cache"):
@@ -265,9 +267,11 @@ def test_lookup_never_uses_a_corrupt_shard(tmp_path: Path, caplog: pytest.LogCap
     victim = stems(tmp_path)[0]
     lost = shard_texts(tmp_path, victim, texts)
     _flip(ns_dir(tmp_path) / f"{victim}.emb.npy")
-    with caplog.at_level(logging.WARNING, logger="distill.teacher_cache"):
-        with pytest.raises(CacheError, match=f"{len(lost)} of 10 texts are not cached"):
-            cache.lookup(NS, texts)
+    with (
+        caplog.at_level(logging.WARNING, logger="distill.teacher_cache"),
+        pytest.raises(CacheError, match=f"{len(lost)} of 10 texts are not cached"),
+    ):
+        cache.lookup(NS, texts)
     assert any("does not match its sha256" in r.getMessage() for r in caplog.records)
     # count_missing is the cheap check: it sees a truncated file, not flipped bytes.
     _corrupt(ns_dir(tmp_path), stems(tmp_path)[1], "truncate")
@@ -319,7 +323,9 @@ def test_encoder_error_keeps_finished_rows(tmp_path: Path) -> None:
         [4, 8, 8],
     )
     fresh = TeacherCache(tmp_path, shard_size=8)
-    torch.testing.assert_close(fresh.lookup(NS, crashing.texts)[list(range(20))], expected(crashing.texts), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        fresh.lookup(NS, crashing.texts)[list(range(20))], expected(crashing.texts), atol=1e-3, rtol=0
+    )
     enc = FakeEncoder()
     assert fresh.fill(NS, texts, enc, batch_size=4, progress=False) == 30
     assert sorted(enc.texts + crashing.texts) == sorted(texts)
@@ -345,14 +351,16 @@ def test_hard_kill_mid_fill_keeps_complete_shards(tmp_path: Path) -> None:
             """
         )
     )
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
     root = tmp_path / "cache"
     assert [json.loads((ns_dir(root) / f"{s}.json").read_text())["rows"] for s in stems(root)] == [8, 8]
     cache, enc = TeacherCache(root, shard_size=8), FakeEncoder()
     assert cache.count_missing(NS, make_texts(50)) == 34
     assert cache.fill(NS, make_texts(50), enc, batch_size=4, progress=False) == 34
-    torch.testing.assert_close(cache.lookup(NS, make_texts(50))[list(range(50))], expected(make_texts(50)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        cache.lookup(NS, make_texts(50))[list(range(50))], expected(make_texts(50)), atol=1e-3, rtol=0
+    )
 
 
 def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
@@ -430,8 +438,15 @@ def test_two_ranks_share_the_work(tmp_path: Path) -> None:
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANK_SCRIPT.format(repo=str(REPO), tests=str(TESTS), root=str(root), ns=NS, out=str(out)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-12000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
 

@@ -1,0 +1,200 @@
+"""Teacher targets from the teacher embedding cache, and ``python -m distill.cache`` to fill it ahead of training.
+
+The 7B teacher is the expensive part of distillation, so it runs once per unique (text, role) pair: before each
+phase every text the phase needs is looked up in :class:`~distill.teacher_cache.TeacherCache`, the missing ones are
+embedded (sharded over all ranks) and stored, and training reads the stored vectors. The teacher is loaded only if
+something is missing, and freed before the student trains.
+
+    python -m distill.cache --config configs/default.yaml             # fill (also under torchrun)
+    python -m distill.cache --config configs/default.yaml --dry-run   # how many texts are cached / missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill import distributed as D
+from distill.config import Config
+from distill.errors import DistillError
+from distill.models import TeacherEncoder, TeacherSpec, teacher_spec_from_config
+
+log = logging.getLogger(__name__)
+
+
+class TeacherTargets:
+    """Teacher embeddings of a phase's query and document tables, looked up by row: ``query(rows)`` -> [n, D_t]."""
+
+    def __init__(self, query_fn: Callable[[np.ndarray], torch.Tensor], document_fn: Callable[[np.ndarray], torch.Tensor],
+                 dim: int, forwards: int):
+        self.query, self.document, self.dim, self.forwards = query_fn, document_fn, dim, forwards
+
+
+class LazyTeacher:
+    """Loads the teacher on first use (so a fully cached phase never loads it) and frees it on :meth:`release`."""
+
+    def __init__(self, spec: TeacherSpec, device: torch.device, attn_implementation: str, batch_size: int):
+        self.spec, self.device, self.attn, self.batch_size = spec, device, attn_implementation, batch_size
+        self.encoder: TeacherEncoder | None = None
+
+    def encode_fn(self, role: str) -> Callable[[list[str]], torch.Tensor]:
+        def encode(texts: list[str]) -> torch.Tensor:
+            if self.encoder is None:
+                log.info("loading teacher %s (%s, %s pooling)", self.spec.name, self.spec.dtype, self.spec.pooling)
+                self.encoder = TeacherEncoder(self.spec, self.device, self.attn)
+            return self.encoder.encode(texts, role, self.batch_size)
+
+        return encode
+
+    def release(self) -> None:
+        self.encoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def open_cache(cfg: Config):
+    from distill.teacher_cache import TeacherCache
+
+    return TeacherCache(cfg.cache_root / "teacher", dtype=cfg.cache.dtype, shard_size=cfg.cache.shard_size)
+
+
+def fill_roles(cfg: Config, spec: TeacherSpec, tables: dict[str, Sequence[str]], device: torch.device) -> int:
+    """Embed every missing text of each role (collective: every rank calls it); returns the global forward count."""
+    cache = open_cache(cfg)
+    teacher = LazyTeacher(spec, device, cfg.model.attn_implementation, cfg.model.teacher_batch_size)
+    local = 0
+    for role, texts in tables.items():
+        local += cache.fill(spec.fingerprint(role), texts, teacher.encode_fn(role),
+                            batch_size=cfg.model.teacher_batch_size)
+    teacher.release()
+    return int(D.all_reduce_sum(torch.tensor(local)).item())
+
+
+def build_teacher_targets(cfg: Config, phase_max_length: int, queries, documents, device: torch.device) -> TeacherTargets:
+    """Fill the cache with every text of the phase and return lookups into it.
+
+    With ``cache.enabled: false`` the teacher stays loaded and runs on every batch instead (the naive baseline the
+    cache benchmark compares against).
+    """
+    spec = teacher_spec_from_config(cfg.model, phase_max_length, device)
+    if not cfg.cache.enabled:
+        teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
+        bs = cfg.model.teacher_batch_size
+
+        def inline(table, role):
+            return lambda rows: teacher.encode(table.take(rows), role, bs)
+
+        return TeacherTargets(inline(queries, "query"), inline(documents, "document"), teacher.dim, 0)
+    forwards = fill_roles(cfg, spec, {"query": queries, "document": documents}, device)
+    cache = open_cache(cfg)
+    q = cache.lookup(spec.fingerprint("query"), queries)
+    d = cache.lookup(spec.fingerprint("document"), documents)
+    return TeacherTargets(lambda rows: q[rows], lambda rows: d[rows], d.dim, forwards)
+
+
+def eval_teacher_embeddings(cfg: Config, beir: Any, device: torch.device):
+    """Teacher embeddings of a BEIR eval set (queries with the query prompt, documents without), via the cache."""
+    from distill.evaluate import Embeddings
+
+    spec = teacher_spec_from_config(cfg.model, cfg.phase2.max_length, device)
+    qids, dids = list(beir.queries), list(beir.corpus)
+    texts = {"query": [beir.queries[i] for i in qids], "document": [beir.corpus[i] for i in dids]}
+    if cfg.cache.enabled:
+        fill_roles(cfg, spec, texts, device)
+        cache = open_cache(cfg)
+        q = cache.lookup(spec.fingerprint("query"), texts["query"])[np.arange(len(qids))]
+        d = cache.lookup(spec.fingerprint("document"), texts["document"])[np.arange(len(dids))]
+    else:
+        teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
+        q = teacher.encode(texts["query"], "query", cfg.model.teacher_batch_size)
+        d = teacher.encode(texts["document"], "document", cfg.model.teacher_batch_size)
+    return Embeddings(qids, dids, q, d)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _phase_tables(cfg: Config) -> dict[str, tuple[int, dict[str, Sequence[str]]]]:
+    """Per phase: (max_length, {role: texts}) of every phase the config trains, plus the eval set if any."""
+    from distill import data as data_mod
+
+    work = cfg.cache_root / "data"
+    out: dict[str, tuple[int, dict[str, Sequence[str]]]] = {}
+    if not cfg.training.skip_phase1:
+        d1 = data_mod.load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
+        out["phase1"] = (cfg.phase1.max_length, {"query": d1.queries, "document": d1.documents})
+    if not cfg.training.skip_phase2:
+        d2 = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples, cfg.training.seed, work)
+        out["phase2"] = (cfg.phase2.max_length, {"query": d2.queries, "document": d2.documents})
+    if cfg.eval.data:
+        from distill.evaluate import read_beir
+
+        beir = read_beir(cfg.eval.data, cfg.eval.split)
+        out["eval"] = (cfg.phase2.max_length, {"query": list(beir.queries.values()),
+                                               "document": list(beir.corpus.values())})
+    return out
+
+
+def precompute(cfg: Config, dry_run: bool = False) -> dict[str, dict[str, Any]]:
+    """Fill (or, with ``dry_run``, count) the cache for every phase of ``cfg``; returns per-phase numbers."""
+    info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
+    cache = open_cache(cfg)
+    report: dict[str, dict[str, Any]] = {}
+    for phase, (max_len, tables) in _phase_tables(cfg).items():
+        spec = teacher_spec_from_config(cfg.model, max_len, info.device)
+        if dry_run:
+            row = {}
+            for role, texts in tables.items():
+                missing = cache.count_missing(spec.fingerprint(role), texts)
+                row[role] = {"texts": len(texts), "missing": missing, "cached": len(texts) - missing}
+            report[phase] = row
+        else:
+            report[phase] = {"teacher_forward_passes": fill_roles(cfg, spec, tables, info.device)}
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from distill.cli import setup_logging
+    from distill.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m distill.cache", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="count cached and missing texts; load no model")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        report = precompute(cfg, dry_run=args.dry_run)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        D.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"teacher cache {cfg.cache_root / 'teacher'}")
+        for phase, row in report.items():
+            if args.dry_run:
+                for role, n in row.items():
+                    print(f"  {phase:7s} {role:9s} {n['texts']:>9,} texts  {n['cached']:>9,} cached  "
+                          f"{n['missing']:>9,} to compute")
+            else:
+                print(f"  {phase:7s} teacher forward passes: {row['teacher_forward_passes']:,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
