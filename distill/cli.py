@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from distill.errors import DistillError
+from distill.errors import DistillError, Preempted
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"model: {out}")
+        return 0
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
         return 0
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -996,3 +996,43 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
 def _column_numpy(dataset: datasets.Dataset, column: str) -> np.ndarray:
     """A column of a freshly mapped (hence index-free) dataset as int64."""
     return np.asarray(dataset.data.column(column).to_numpy(), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preflight: cheap checks every rank runs before any process group exists
+
+
+def preflight(data: Any, phases: Sequence[int], num_negatives: int) -> None:
+    """Fail fast, before torch.distributed starts, on what a glance at the local files shows is wrong.
+
+    For every local source of the given phases: the path exists, the format is known, no file is empty, and the
+    first row parses (UTF-8, JSON, CSV) and has the needed columns. Each check raises the same one-line
+    :class:`DataError` the full read would. Row-level problems further down a file are found by the full read
+    (rank 0, before any model loads); Hub sources are only reachable through that read.
+    """
+    for phase in phases:
+        for source in data.phase1 if phase == 1 else data.phase2:
+            for part in _resolve_parts(source):
+                if part.format == "hub":
+                    continue
+                if part.path.stat().st_size == 0:
+                    raise DataError(f"{part.label}: empty file (source {_source_name(source)})")
+                columns, rows = _open_part(part)
+                first = next(iter(rows), None)
+                if first is None:
+                    raise DataError(f"{part.label}: no rows (source {_source_name(source)})")
+                loc, row = first
+                if isinstance(row, _BadRow):
+                    raise DataError(f"{loc}: {row}")
+                names = columns if columns is not None else list(row)
+                if phase == 1:
+                    plan = _phase1_columns(source, names)
+                    if not plan:
+                        raise DataError(f"{part.label}: no query or document column among {', '.join(names)} "
+                                        f"(set query_columns / document_columns)")
+                    _check_schema(part.label, names, (c for c, _ in plan))
+                else:
+                    plan2 = _phase2_plan(source, names, num_negatives, data.fill_negatives == "random")
+                    if isinstance(plan2, str):
+                        raise DataError(f"{part.label}: {plan2}")
+                    _check_schema(part.label, names, (plan2.query, plan2.positive, *plan2.negatives))

@@ -10,8 +10,9 @@ docstring (at least ``MIN_BODY_WORDS`` = 10 words, cut to 256 words) titled with
 not repeated in the passage, so the query has to be matched by meaning, and the qualified name (``inspect.isframe``)
 only helps a model that can relate names to descriptions. Units whose summary or body occurs more than once in
 the stdlib (e.g. "Emit a record.") are dropped entirely, so every query has exactly one relevant passage and
-copies cannot leak across the split; so are docstrings whose body repeats the summary verbatim. Passages used for training are ``f"{title} {text}"``, the same join that
-BEIR-style evaluators apply to ``corpus.jsonl`` (``title`` + " " + ``text``).
+copies cannot leak across the split; so are docstrings whose body repeats the summary verbatim. Passages used for
+training are ``f"{title} {text}"``, the same join that BEIR-style evaluators apply to ``corpus.jsonl``
+(``title`` + " " + ``text``).
 
 Split: units are grouped by top-level package (``email.mime.text`` -> ``email``; the pure-Python twins
 ``_pydecimal``/``_pyio`` join ``decimal``/``io``), groups are ordered by a seeded hash and whole groups go to the

@@ -19,3 +19,7 @@ class CacheError(DistillError):
 
 class CheckpointError(DistillError):
     """A checkpoint is missing, incomplete, or incompatible with the config."""
+
+
+class Preempted(DistillError):
+    """SIGTERM arrived (e.g. SLURM preemption): a checkpoint was saved and the run exits cleanly (status 0)."""

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from distill.checkpoint import (
     write_json_atomic,
 )
 from distill.config import Config, dump_config
-from distill.errors import CheckpointError, ConfigError, DistillError
+from distill.errors import CheckpointError, ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
 from distill.cache import build_teacher_targets, eval_teacher_embeddings
@@ -117,10 +118,6 @@ class _Phase2Inputs:
 # --------------------------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class _Preempted(Exception):
-    """SIGTERM arrived: a checkpoint was saved and the run should exit cleanly."""
 
 
 class Trainer:
@@ -263,23 +260,31 @@ class Trainer:
         if cfg.eval.data:
             self._evaluate(name, state.step)
 
-    def _prepare_data(self, phase: int, max_len: int):
+    def load_data(self) -> None:
+        """Read and validate every phase's data (rank 0 prepares, all ranks read) before any model loads or any
+        file of the run is written, so bad input costs seconds and touches nothing."""
         from distill import data as data_mod
 
         cfg = self.cfg
         work = cfg.cache_root / "data"
-        if phase == 1:
-            data = data_mod.load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
-        else:
-            data = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples, cfg.training.seed,
-                                        work)
-        tables = (data_mod.tokenize_table(data.queries, self.tokenizer, max_len, work),
-                  data_mod.tokenize_table(data.documents, self.tokenizer, max_len, work))
+        self.data = {}
+        if 1 in self.phases:
+            self.data[1] = data_mod.load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
+        if 2 in self.phases:
+            self.data[2] = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples,
+                                                cfg.training.seed, work)
+
+    def _prepare_data(self, phase: int, max_len: int):
+        """The phase's data with its texts tokenized once by the student's tokenizer, and each example's length."""
+        from distill import data as data_mod
         from distill.sampling import phase1_lengths, phase2_lengths
 
+        work = self.cfg.cache_root / "data"
+        data = self.data[phase]
+        tables = (data_mod.tokenize_table(data.queries, self.tokenizer, max_len, work),
+                  data_mod.tokenize_table(data.documents, self.tokenizer, max_len, work))
         lengths_fn = phase1_lengths if phase == 1 else phase2_lengths
-        lengths = lengths_fn(data.examples, tables[0].lengths, tables[1].lengths)
-        return data, tables, np.asarray(lengths, dtype=np.int64)
+        return data, tables, lengths_fn(data.examples, tables[0].lengths, tables[1].lengths)
 
     def _loss(self, phase: int, gather: bool = True) -> nn.Module:
         m, cfg = self.cfg.model, self.cfg
@@ -553,7 +558,8 @@ class _PhaseRunner:
             if stats[3] > 0:
                 tr._save(st, self.optimizer, self.scheduler, self.scaler, name=f"{self.name}-step{st.step:08d}")
                 bar.close()
-                raise _Preempted(f"{self.name} step {st.step}")
+                raise Preempted(f"preempted (SIGTERM) at {self.name} step {st.step}: checkpoint saved in "
+                                f"{tr.ckpt_dir}; run the same command again to resume")
             save_steps = tr.cfg.training.save_steps
             if save_steps and st.step % save_steps == 0 and st.step < self.total_steps:
                 tr._save(st, self.optimizer, self.scheduler, self.scaler, name=f"{self.name}-step{st.step:08d}")
@@ -679,30 +685,29 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = False) -> Path:
     """Train ``cfg`` (under torchrun or in one process) and return the final model folder."""
+    from distill.data import preflight
+
+    if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce:
+        raise ConfigError("phase2.cached_infonce works with training.precision bf16 or fp32, not fp16")
+    wanted = [p for p in (1, 2) if not getattr(cfg.training, f"skip_phase{p}")]
+    preflight(cfg.data, wanted, cfg.phase2.num_negatives)  # before any process group: bad files fail in seconds
+    if set(wanted) <= set(finished_phases(cfg.run_dir)) and not overwrite:
+        raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
+                           "train it again (its checkpoints and final model will be replaced)")
     info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     if cfg.training.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce:
-        raise ConfigError("phase2.cached_infonce works with training.precision bf16 or fp32, not fp16")
     seed_everything(cfg.training.seed, info.rank)
-    wanted = [p for p in (1, 2) if not getattr(cfg.training, f"skip_phase{p}")]
-    if set(wanted) <= set(finished_phases(cfg.run_dir)) and not overwrite:
-        raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
-                           "train it again (its checkpoints and final model will be replaced)")
+    trainer = Trainer(cfg, info, allow_config_change=allow_config_change)
+    trainer.load_data()
     if overwrite and info.is_main and cfg.run_dir.exists():
-        import shutil
-
         shutil.rmtree(cfg.run_dir)
     D.barrier()
-    trainer = Trainer(cfg, info, allow_config_change=allow_config_change)
     trainer.setup()
     try:
         return trainer.run()
-    except _Preempted as e:
-        log.warning("preempted at %s: checkpoint saved; run the same command again to resume", e)
-        raise
     finally:
         if trainer.metrics is not None:
             trainer.metrics.close()

@@ -1,0 +1,220 @@
+"""Kill, elastic restart, preemption and bad numerics, with real `torchrun --nproc_per_node=2` processes on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_data import tiny_config_yaml, write_training_files
+from tiny_models import REPO_ROOT, free_port, run_torchrun
+
+EXPERIMENT = "distilled-model-48d-tiny"
+# Phase 2 long enough to be interrupted; checkpoints every 2 steps; no evaluation (not what is tested here).
+OVERRIDES = ["--set", "phase1.num_epochs=1", "--set", "phase2.num_epochs=3", "--set", "training.save_steps=2",
+             "--set", "eval.data=null"]
+
+
+def _config(tmp: Path, teacher: Path, student: Path, files) -> Path:
+    return tiny_config_yaml(tmp, teacher, student, files)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])
+    return env
+
+
+def _popen(cfg: Path, *torchrun_args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *torchrun_args, "train_ddp.py", "--config", str(cfg), *OVERRIDES]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _worker_pid(agent: int, rank: int) -> int | None:
+    for pid in _children(agent):
+        try:
+            env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"training ended before {path} appeared:\n{err[-3000:]}")
+        if time.time() > end:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.05)
+
+
+def _phase2_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in records if r.get("event") == "train" and r["phase"] == "phase2"]
+    assert steps == sorted(set(steps)), f"duplicate or out-of-order phase-2 steps in the log: {steps}"
+    return {r["step"]: r["loss"] for r in records if r.get("event") == "train" and r["phase"] == "phase2"}
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_training_files(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_teacher_dir, tiny_student_dir, files) -> Path:
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = _config(tmp, tiny_teacher_dir, tiny_student_dir, files)
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *OVERRIDES], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "out" / EXPERIMENT
+
+
+def test_sigkill_of_one_rank_then_elastic_restart_gives_the_same_model(tmp_path, tiny_teacher_dir, tiny_student_dir,
+                                                                        files, uninterrupted):
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    run_dir = tmp_path / "out" / EXPERIMENT
+    proc = _popen(cfg, "--max-restarts=1")
+    try:
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000004" / "COMPLETE", proc)
+        victim = _worker_pid(proc.pid, rank=1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    _assert_same_weights(run_dir / "phase2" / "model.safetensors", uninterrupted / "phase2" / "model.safetensors")
+    # The log continues where the checkpoint left off: same steps, same losses as the uninterrupted run.
+    resumed, reference = _phase2_losses(run_dir), _phase2_losses(uninterrupted)
+    assert resumed.keys() == reference.keys()
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_sigkill_without_restarts_stops_every_rank_quickly(tmp_path, tiny_teacher_dir, tiny_student_dir, files,
+                                                            uninterrupted):
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    run_dir = tmp_path / "out" / EXPERIMENT
+    proc = _popen(cfg)
+    try:
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "COMPLETE", proc)
+        os.kill(_worker_pid(proc.pid, rank=1), signal.SIGKILL)
+        killed_at = time.time()
+        proc.communicate(timeout=120)
+        assert time.time() - killed_at < 60  # the surviving rank does not hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    # A plain rerun of the same command resumes and ends with the uninterrupted run's weights.
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *OVERRIDES], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_weights(run_dir / "phase2" / "model.safetensors", uninterrupted / "phase2" / "model.safetensors")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_teacher_dir, tiny_student_dir, files,
+                                                       uninterrupted):
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    run_dir = tmp_path / "out" / EXPERIMENT
+    proc = _popen(cfg)
+    try:
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "COMPLETE", proc)
+        for rank in (0, 1):  # what SLURM's --signal does: every task of the step gets SIGTERM
+            os.kill(_worker_pid(proc.pid, rank), signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted (SIGTERM) at phase2 step" in err
+    assert not (run_dir / "final").exists()
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *OVERRIDES], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_weights(run_dir / "phase2" / "model.safetensors", uninterrupted / "phase2" / "model.safetensors")
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
+    from distill.checkpoint import COMPLETE, load_latest
+
+    ckpts = tmp_path / "ckpts"
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", ckpts)
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert len(names) == 2  # keep_last
+    newest = ckpts / names[-1]
+    (newest / "model.safetensors").write_bytes(b"\0" * 100)  # truncated / garbage
+    loaded = load_latest(ckpts)
+    assert loaded is not None and loaded.path.name == names[0]
+    (ckpts / names[0] / COMPLETE).unlink()  # an incomplete one is skipped too
+    assert load_latest(ckpts) is None
+
+
+def test_resume_with_changed_config_is_an_error(tmp_path, tiny_teacher_dir, tiny_student_dir, files):
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    run_dir = tmp_path / "out" / EXPERIMENT
+    proc = _popen(cfg)
+    try:
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "COMPLETE", proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    env = _env()
+    base = [sys.executable, "train_ddp.py", "--config", str(cfg), *OVERRIDES]
+    res = subprocess.run([*base, "--set", "phase2.temperature=0.05"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2
+    assert "the config changed since this checkpoint (phase2.temperature)" in res.stderr
+    assert "--allow-config-change" in res.stderr
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_the_step(tmp_path, tiny_teacher_dir, tiny_student_dir, files):
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    res = subprocess.run([sys.executable, "train_ddp.py", "--config", str(cfg), "--set", "eval.data=null",
+                          "--set", "phase1.learning_rate=1.0e+30", "--set", "phase1.max_grad_norm=0",
+                          "--set", "training.max_nonfinite_steps=3"],
+                         cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "3 consecutive non-finite losses/gradients" in err[0] and "phase1 step" in err[0]
+    assert "optimizer step skipped" in res.stderr
+    run_dir = tmp_path / "out" / EXPERIMENT
+    assert not (run_dir / "final").exists()
