@@ -14,14 +14,17 @@
 #   RDZV_BACKEND   c10d (default) or static, used when NNODES > 1
 #   RDZV_ENDPOINT  HOST:PORT of the c10d rendezvous, same on every node (default MASTER_ADDR:MASTER_PORT)
 #   RDZV_ID        rendezvous id, same on every node (default slurm-$SLURM_JOB_ID, else distill-<config name>)
+#   RDZV_CONF      extra c10d rendezvous settings, e.g. join_timeout=1800 (torch's default join timeout: 600 s)
 #   MASTER_ADDR    first node's address (multi-node; with RDZV_BACKEND=static it is torchrun's --master-addr)
 #   MASTER_PORT    default 29500
 #   NODE_RANK      this node's rank, 0..NNODES-1 (only RDZV_BACKEND=static uses it; c10d assigns ranks itself)
 #   MAX_RESTARTS   times torchrun restarts all workers after a failure (default 0); the restarted trainer
-#                  resumes from the newest checkpoint automatically
+#                  resumes from the newest checkpoint automatically (so --overwrite is refused then)
 #   OMP_NUM_THREADS default: CPU cores of this node / NPROC (at least 1)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits after forwarding SIGTERM before SIGKILL (default
 #                  here 90, torch's own default is 30): time for the trainer to finish its step and save
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  default here 1 when MAX_RESTARTS > 0 or NNODES is a range: restarted
+#                  workers then build a fresh store instead of reusing torchrun's (which can fail to reconnect)
 #   PYTHON         interpreter to run `python -m torch.distributed.run` with (default: `torchrun` from PATH,
 #                  else python3)
 set -euo pipefail
@@ -117,6 +120,21 @@ MAX_RESTARTS=${MAX_RESTARTS:-0}
 is_uint "$MASTER_PORT" || die "MASTER_PORT must be a port number, got '$MASTER_PORT'"
 is_uint "$MAX_RESTARTS" || die "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
 
+if ((MAX_RESTARTS > 0)); then
+    for arg in "$@"; do
+        if [[ $arg == --overwrite ]]; then
+            die "--overwrite with MAX_RESTARTS=$MAX_RESTARTS would delete the run again at every restart instead of" \
+                "resuming; delete the run folder (paths.output_dir/<experiment>) yourself, or use MAX_RESTARTS=0"
+        fi
+    done
+fi
+if ((MAX_RESTARTS > 0)) || [[ $NNODES == *:* ]]; then
+    # Restarted workers re-initialise their process group; with the store shared with torchrun's rendezvous
+    # (torch >= 2.5 default) they can read the previous attempt's addresses and fail to connect (seen with gloo,
+    # pytorch/pytorch#135712). A separate store per attempt avoids it.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
+
 config_name=$(basename "$CONFIG")
 config_name=${config_name%.*}
 if [[ $NNODES == 1 || $NNODES == 1:1 ]]; then
@@ -143,6 +161,9 @@ else
             RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:+slurm-$SLURM_JOB_ID}}
             RDZV_ID=${RDZV_ID:-distill-$config_name}
             launch=(--nnodes="$NNODES" --rdzv-backend="$RDZV_BACKEND" --rdzv-endpoint="$endpoint" --rdzv-id="$RDZV_ID")
+            if [[ -n ${RDZV_CONF:-} ]]; then
+                launch+=(--rdzv-conf="$RDZV_CONF")
+            fi
             node_note="$NNODES nodes, $RDZV_BACKEND rendezvous at $endpoint (id $RDZV_ID)"
             ;;
     esac

@@ -67,9 +67,11 @@ def open_cache(cfg: Config):
     return TeacherCache(cfg.cache_root / "teacher", dtype=cfg.cache.dtype, shard_size=cfg.cache.shard_size)
 
 
-def fill_roles(cfg: Config, spec: TeacherSpec, tables: dict[str, Sequence[str]], device: torch.device) -> int:
-    """Embed every missing text of each role (collective: every rank calls it); returns the global forward count."""
-    cache = open_cache(cfg)
+def fill_roles(cfg: Config, cache, spec: TeacherSpec, tables: dict[str, Sequence[str]], device: torch.device) -> int:
+    """Embed every missing text of each role (collective: every rank calls it); returns the global forward count.
+
+    Pass the same ``cache`` object to the lookups that follow: it has already verified the shards it read.
+    """
     teacher = LazyTeacher(spec, device, cfg.model.attn_implementation, cfg.model.teacher_batch_size)
     local = 0
     for role, texts in tables.items():
@@ -94,8 +96,8 @@ def build_teacher_targets(cfg: Config, phase_max_length: int, queries, documents
             return lambda rows: teacher.encode(table.take(rows), role, bs)
 
         return TeacherTargets(inline(queries, "query"), inline(documents, "document"), teacher.dim, 0)
-    forwards = fill_roles(cfg, spec, {"query": queries, "document": documents}, device)
     cache = open_cache(cfg)
+    forwards = fill_roles(cfg, cache, spec, {"query": queries, "document": documents}, device)
     q = cache.lookup(spec.fingerprint("query"), queries)
     d = cache.lookup(spec.fingerprint("document"), documents)
     return TeacherTargets(lambda rows: q[rows], lambda rows: d[rows], d.dim, forwards)
@@ -109,8 +111,8 @@ def eval_teacher_embeddings(cfg: Config, beir: Any, device: torch.device):
     qids, dids = list(beir.queries), list(beir.corpus)
     texts = {"query": [beir.queries[i] for i in qids], "document": [beir.corpus[i] for i in dids]}
     if cfg.cache.enabled:
-        fill_roles(cfg, spec, texts, device)
         cache = open_cache(cfg)
+        fill_roles(cfg, cache, spec, texts, device)
         q = cache.lookup(spec.fingerprint("query"), texts["query"])[np.arange(len(qids))]
         d = cache.lookup(spec.fingerprint("document"), texts["document"])[np.arange(len(dids))]
     else:
@@ -157,10 +159,11 @@ def precompute(cfg: Config, dry_run: bool = False) -> dict[str, dict[str, Any]]:
             row = {}
             for role, texts in tables.items():
                 missing = cache.count_missing(spec.fingerprint(role), texts)
-                row[role] = {"texts": len(texts), "missing": missing, "cached": len(texts) - missing}
+                unique = len(set(texts[i] for i in range(len(texts))))
+                row[role] = {"texts": unique, "missing": missing, "cached": unique - missing}
             report[phase] = row
         else:
-            report[phase] = {"teacher_forward_passes": fill_roles(cfg, spec, tables, info.device)}
+            report[phase] = {"teacher_forward_passes": fill_roles(cfg, cache, spec, tables, info.device)}
     return report
 
 

@@ -52,9 +52,9 @@ import sys
 import sysconfig
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import bm25s
 

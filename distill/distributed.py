@@ -56,13 +56,32 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            **_restart_safe_store(rank, world_size, timeout),
         )
     _INFO = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     return _INFO
+
+
+def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict[str, Any]:
+    """After a torchrun restart, a store namespace of this attempt's own.
+
+    torchrun's agent keeps one TCPStore for the whole job, and with the static rendezvous every worker generation
+    writes its process-group bootstrap keys under the same names; workers restarted by ``--max-restarts`` then read
+    the dead generation's addresses and hang in ``init_process_group`` (seen with torch 2.13 + gloo). Prefixing the
+    keys with the agent's restart count (the same for every worker it starts) keeps generations apart. The first
+    attempt keeps torch's default path.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"distill/attempt-{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def get_info() -> DistInfo:

@@ -160,6 +160,7 @@ class Trainer:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
         self._stop_requested = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM (e.g. torchrun giving up) ends us at once
 
     # ---- run ----
     def run(self) -> Path:
@@ -709,5 +710,6 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     try:
         return trainer.run()
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # outside the loop nobody would act on the flag
         if trainer.metrics is not None:
             trainer.metrics.close()

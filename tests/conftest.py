@@ -12,7 +12,7 @@ for _p in (str(_TESTS_DIR), str(_TESTS_DIR.parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from tiny_models import build_tiny_student, build_tiny_teacher  # noqa: E402
+from tiny_models import build_tiny_student, build_tiny_teacher
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 

@@ -24,7 +24,7 @@ BASH = shutil.which("bash") or "/bin/bash"  # absolute: the tests run with a PAT
 
 # Variables the scripts read; cleared so the developer's shell cannot change what a test sees.
 _LAUNCH_VARS = ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_BACKEND",
-                "RDZV_ENDPOINT", "RDZV_PORT", "MAX_RESTARTS", "OMP_NUM_THREADS", "PYTHON", "CUDA_VISIBLE_DEVICES",
+                "RDZV_ENDPOINT", "RDZV_PORT", "RDZV_CONF", "MAX_RESTARTS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS", "PYTHON", "CUDA_VISIBLE_DEVICES",
                 "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "GPUS_PER_NODE", "DISTILL_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 # System tools the two scripts call; linked into a private bin dir so PATH holds nothing else (no real torchrun).
 _TOOLS = ("bash", "dirname", "basename", "nproc", "getconf", "grep", "sed", "head", "date", "sleep", "cat", "env")
@@ -33,8 +33,9 @@ FAKE_TORCHRUN = r"""#!/bin/bash
 # Records how it was called; FAKE_MODE=exitN exits with N, FAKE_MODE=wait runs until SIGTERM.
 out=${FAKE_OUT:?}
 printf '%s\n' "$0" "$@" > "$out/torchrun_args.txt"
-printf 'OMP_NUM_THREADS=%s\nTORCH_ELASTIC_SHUTDOWN_TIMEOUT=%s\n' "${OMP_NUM_THREADS-}" \
-    "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT-}" > "$out/torchrun_env.txt"
+printf 'OMP_NUM_THREADS=%s\nTORCH_ELASTIC_SHUTDOWN_TIMEOUT=%s\nTORCH_DISABLE_SHARE_RDZV_TCP_STORE=%s\n' \
+    "${OMP_NUM_THREADS-}" "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT-}" "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE-unset}" \
+    > "$out/torchrun_env.txt"
 mode=${FAKE_MODE:-exit0}
 case "$mode" in
     wait)
@@ -193,7 +194,28 @@ def test_user_settings_are_kept(fake):
     assert res.returncode == 0, res.stderr
     args = fake.torchrun_args()
     assert "--nproc-per-node=3" in args and "--max-restarts=2" in args
-    assert fake.torchrun_env() == {"OMP_NUM_THREADS": "5", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40"}
+    assert fake.torchrun_env() == {"OMP_NUM_THREADS": "5", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40",
+                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def test_restarts_use_a_fresh_store_and_refuse_overwrite(fake):
+    res = fake.run(str(fake.config))
+    assert res.returncode == 0, res.stderr
+    assert fake.torchrun_env()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "unset"  # torch's default without restarts
+    res = fake.run(str(fake.config), NNODES="1:2", MASTER_ADDR="h")
+    assert res.returncode == 0, res.stderr
+    assert fake.torchrun_env()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # elastic: membership changes restart
+    res = fake.run(str(fake.config), MAX_RESTARTS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")
+    assert res.returncode == 0, res.stderr
+    assert fake.torchrun_env()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"  # the user's choice wins
+
+    (fake.out / "torchrun_args.txt").unlink()
+    res = fake.run(str(fake.config), "--overwrite", MAX_RESTARTS="2")
+    assert res.returncode == 2
+    assert "--overwrite with MAX_RESTARTS=2 would delete the run again at every restart" in res.stderr
+    assert not (fake.out / "torchrun_args.txt").exists()
+    res = fake.run(str(fake.config), "--overwrite")
+    assert res.returncode == 0 and fake.torchrun_args()[-1] == "--overwrite"
 
 
 def test_gpu_count_from_nvidia_smi_and_cuda_visible_devices(fake):
@@ -220,10 +242,11 @@ def test_multi_node_c10d_rendezvous(fake):
                          "--rdzv-id=distill-exp", "--nproc-per-node=8", "--max-restarts=0"]
     assert "--standalone" not in args and not any(a.startswith("--node-rank") for a in args)
 
-    res = fake.run(str(fake.config), NNODES="2:4", RDZV_ENDPOINT="head:7777", RDZV_ID="job42", MASTER_ADDR="x")
+    res = fake.run(str(fake.config), NNODES="2:4", RDZV_ENDPOINT="head:7777", RDZV_ID="job42", MASTER_ADDR="x",
+                   RDZV_CONF="join_timeout=1800")
     assert res.returncode == 0, res.stderr
-    assert fake.torchrun_args()[1:5] == ["--nnodes=2:4", "--rdzv-backend=c10d", "--rdzv-endpoint=head:7777",
-                                         "--rdzv-id=job42"]
+    assert fake.torchrun_args()[1:6] == ["--nnodes=2:4", "--rdzv-backend=c10d", "--rdzv-endpoint=head:7777",
+                                         "--rdzv-id=job42", "--rdzv-conf=join_timeout=1800"]
 
     res = fake.run(str(fake.config), NNODES="2", SLURM_JOB_ID="777", MASTER_ADDR="h", MASTER_PORT="1234")
     assert res.returncode == 0, res.stderr
@@ -323,6 +346,19 @@ def test_sbatch_launches_one_torchrun_per_node_with_c10d(fake):
     assert fake.torchrun_env()["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "100"
     assert not (fake.out / "requeue.txt").exists()
     assert "training finished with exit status 0" in res.stdout
+
+
+def test_sbatch_requeued_job_drops_overwrite(fake):
+    res = subprocess.run([BASH, str(SBATCH), str(fake.config), "--overwrite"], env=_slurm_env(fake),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert fake.torchrun_args()[-1] == "--overwrite"  # first start: as asked
+
+    res = subprocess.run([BASH, str(SBATCH), str(fake.config), "--log-level", "DEBUG", "--overwrite"],
+                         env=_slurm_env(fake, SLURM_RESTART_COUNT="1"), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert fake.torchrun_args()[-4:] == ["--config", str(fake.config), "--log-level", "DEBUG"]
+    assert "dropping --overwrite so training resumes" in res.stdout
 
 
 def test_sbatch_failure_is_not_requeued(fake):

@@ -21,7 +21,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from distill.errors import CacheError, ConfigError, DataError
-from distill.teacher_cache import QUARANTINE_DIR, CachedEmbeddings, TeacherCache, _Index, _Shard, text_keys
+from distill.teacher_cache import (
+    QUARANTINE_DIR,
+    CachedEmbeddings,
+    TeacherCache,
+    _gather,
+    _Index,
+    _Shard,
+    benchmark,
+    text_keys,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -185,6 +194,16 @@ def test_arrow_backed_texts(tmp_path: Path) -> None:
     assert torch.equal(cache.lookup(NS, chunked)[list(range(12))], expected(texts))
 
 
+def test_gather_reads_positions_chunk_by_chunk() -> None:
+    pa = pytest.importorskip("pyarrow")
+    texts = [f"t{i}" for i in range(23)]
+    positions = np.array([22, 0, 7, 7, 6, 14, 13], dtype=np.int64)  # unordered, repeated, across chunk borders
+    want = [texts[i] for i in positions]
+    assert _gather(texts, positions, size=7) == want
+    assert _gather(pa.chunked_array([texts[:10], texts[10:]]), positions, size=7) == want
+    assert _gather(texts, np.array([], dtype=np.int64), size=7) == []
+
+
 def test_shard_files_and_manifest(tmp_path: Path) -> None:
     cache = TeacherCache(tmp_path, shard_size=4)
     cache.fill(NS, make_texts(6), FakeEncoder(), batch_size=4, progress=False)
@@ -295,6 +314,8 @@ def test_bad_encoder_output_and_inputs(tmp_path: Path) -> None:
     cache = TeacherCache(tmp_path)
     with pytest.raises(CacheError, match=r"encode\(\) returned shape \[1, 16\] for a batch of 2 texts"):
         cache.fill(NS, ["a", "b"], lambda b: torch.zeros(1, DIM), batch_size=2, progress=False)
+    with pytest.raises(CacheError, match=r"returned shape \[2, 0\]"):
+        cache.fill(NS, ["a", "b"], lambda b: torch.zeros(2, 0), batch_size=2, progress=False)
     with pytest.raises(CacheError, match="NaN/inf"):
         cache.fill(NS, ["a"], lambda b: torch.full((1, DIM), float("nan")), batch_size=2, progress=False)
     with pytest.raises(CacheError, match="beyond the float16 range"):
@@ -373,6 +394,22 @@ def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
     os.utime(old, (past, past))
     assert cache.fill(NS, ["a", "b"], FakeEncoder(), batch_size=2, progress=False) == 1
     assert not old.exists() and new.exists()  # a young one may belong to a live writer
+
+
+def test_benchmark_reports_and_cleans_up(tmp_path: Path) -> None:
+    (tmp_path / "keep").mkdir()
+    result = benchmark(tmp_path, n_texts=300, dim=8, shard_size=64, batch_size=32, lookup_batch=8, lookup_batches=5)
+    assert set(result) == {
+        "hash_texts_per_s",
+        "fill_texts_per_s",
+        "count_missing_s",
+        "lookup_s",
+        "read_rows_per_s",
+        "bytes_on_disk",
+    }
+    assert all(v > 0 for v in result.values())
+    assert result["bytes_on_disk"] > 300 * 8 * 2 + 300 * 16  # fp16 vectors + 128-bit keys
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
 
 
 def test_index_resolves_keys_sharing_their_high_word(tmp_path: Path) -> None:

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, AutoTokenizer
-
 from tiny_models import (
     TEACHER_EOS,
     TEACHER_QUERY_PROMPT,
@@ -20,6 +18,7 @@ from tiny_models import (
     free_port,
     run_torchrun,
 )
+from transformers import AutoModel, AutoTokenizer
 
 TEXTS = ["How do I parse JSON in Python?", "Return a shallow copy of the list.", "x"]
 
@@ -90,6 +89,7 @@ def test_teacher_lasttoken_pooling_reads_eos_hidden_state(tiny_teacher_hf_dir: P
     with torch.no_grad():
         for text in TEXTS:
             enc = tok(text, return_tensors="pt")
+            assert enc["input_ids"][0, -1].item() == tok.convert_tokens_to_ids(TEACHER_EOS)
             hidden = model(**enc).last_hidden_state[0, -1]
             expected.append(torch.nn.functional.normalize(hidden, dim=0).numpy())
     batched = teacher.encode(TEXTS, batch_size=3, convert_to_numpy=True)  # padded batch
@@ -104,7 +104,7 @@ def test_teacher_hf_dir_is_plain_transformers(tiny_teacher_hf_dir: Path, tiny_te
     assert cfg["model_type"] == "qwen2" and cfg["hidden_size"] == 48 and cfg["num_hidden_layers"] == 2
     assert cfg["num_attention_heads"] == 4 and cfg["num_key_value_heads"] == 2
     # Same weights as the sentence-transformers variant.
-    digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
     assert digest(tiny_teacher_hf_dir) == digest(tiny_teacher_dir)
 
 

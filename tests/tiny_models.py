@@ -22,8 +22,9 @@ import sys
 import sysconfig
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -229,14 +230,14 @@ def build_tiny_student(
 
     def build(tmp: Path) -> None:
         tokenizer = _student_tokenizer(kind)
-        common = dict(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            intermediate_size=2 * hidden,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        common = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "intermediate_size": 2 * hidden,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
         torch.manual_seed(_SEED + 1)
         if kind == "mpnet":
             # MPNet position ids start at pad_token_id + 1, hence the +2 over the tokenizer's max length.
@@ -286,4 +287,6 @@ def run_torchrun(
         f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         str(script_path), *map(str, args),
     ]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, check=False, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
