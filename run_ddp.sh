@@ -146,16 +146,21 @@ else
     case "$RDZV_BACKEND" in
         static)
             [[ $NNODES != *:* ]] || die "RDZV_BACKEND=static needs a fixed NNODES, got '$NNODES'"
-            [[ -n ${MASTER_ADDR:-} ]] || die "NNODES=$NNODES with RDZV_BACKEND=static needs MASTER_ADDR (the node with NODE_RANK=0)"
-            [[ -n ${NODE_RANK:-} ]] || die "NNODES=$NNODES with RDZV_BACKEND=static needs NODE_RANK (0..$((NNODES - 1))) on every node"
-            is_uint "$NODE_RANK" && ((NODE_RANK < NNODES)) || die "NODE_RANK must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
-            launch=(--nnodes="$NNODES" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
+            [[ -n ${MASTER_ADDR:-} ]] ||
+                die "NNODES=$NNODES with RDZV_BACKEND=static needs MASTER_ADDR (the node with NODE_RANK=0)"
+            [[ -n ${NODE_RANK:-} ]] ||
+                die "NNODES=$NNODES with RDZV_BACKEND=static needs NODE_RANK (0..$((NNODES - 1))) on every node"
+            is_uint "$NODE_RANK" && ((NODE_RANK < NNODES)) ||
+                die "NODE_RANK must be in 0..$((NNODES - 1)), got '$NODE_RANK'"
+            launch=(--nnodes="$NNODES" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR"
+                --master-port="$MASTER_PORT")
             node_note="$NNODES nodes, static rendezvous at $MASTER_ADDR:$MASTER_PORT, this is node $NODE_RANK"
             ;;
         *)
             endpoint=${RDZV_ENDPOINT:-}
             if [[ -z $endpoint ]]; then
-                [[ -n ${MASTER_ADDR:-} ]] || die "NNODES=$NNODES needs RDZV_ENDPOINT=HOST:PORT or MASTER_ADDR (a host every node can reach)"
+                [[ -n ${MASTER_ADDR:-} ]] ||
+                    die "NNODES=$NNODES needs RDZV_ENDPOINT=HOST:PORT or MASTER_ADDR (a host every node can reach)"
                 endpoint=$MASTER_ADDR:$MASTER_PORT
             fi
             RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:+slurm-$SLURM_JOB_ID}}

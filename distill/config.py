@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -316,9 +317,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+            raise ConfigError(f"{path}{_yaml_error_where(text, e)}: invalid YAML ({_yaml_problem(e)})") from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -333,6 +332,21 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
     return cfg
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    text = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+    return " ".join(str(text).split())
+
+
+def _yaml_error_where(text: str, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f":{mark.line + 1}"
+    position = getattr(e, "position", None)  # ReaderError (a control character): a character offset
+    if position is not None:
+        return f":{text.count(chr(10), 0, position) + 1}"
+    return ""
 
 
 def _apply_override(cfg: Config, item: str) -> Config:
@@ -376,6 +390,7 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
                 walk(value_node, key)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
+                lines[(*prefix, str(i))] = item.start_mark.line + 1
                 walk(item, (*prefix, str(i)))
 
     walk(root, ())
@@ -389,7 +404,7 @@ def _where(origin: str, lines: dict[tuple[str, ...], int], key_path: tuple[str, 
 
 def _build(cls: type, raw: Any, prefix: str, origin: str, lines: dict[tuple[str, ...], int]) -> Any:
     """Instantiate dataclass ``cls`` from the mapping ``raw``; missing keys take the dataclass defaults."""
-    path = tuple(p for p in prefix.split(".") if p) if prefix else ()
+    path = _key_path(prefix)
     if not isinstance(raw, dict):
         raise ConfigError(f"{_where(origin, lines, path)}: {prefix or 'config'} must be a mapping, got {_tname(raw)}")
     hints = typing.get_type_hints(cls)
@@ -404,6 +419,11 @@ def _build(cls: type, raw: Any, prefix: str, origin: str, lines: dict[tuple[str,
             raise ConfigError(f"{_where(origin, lines, (*path, key))}: unknown key '{dotted}'{hint}")
         kwargs[key] = _coerce(hints[key], value, dotted, origin, lines, (*path, key))
     return cls(**kwargs)
+
+
+def _key_path(dotted: str) -> tuple[str, ...]:
+    """``data.phase1[0].path`` -> ``("data", "phase1", "0", "path")`` (the keys of :func:`_key_lines`)."""
+    return tuple(p for p in re.split(r"[.\[\]]+", dotted) if p)
 
 
 def _tname(value: Any) -> str:
@@ -448,15 +468,23 @@ def _coerce(tp: Any, value: Any, dotted: str, origin: str, lines: dict, key_path
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {dotted} must be a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}: {dotted} is too large for a number") from None
+        elif isinstance(value, str):
             # PyYAML reads "1e-5" (no dot) as a string: accept numeric text rather than fail on YAML 1.1's rule.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: {dotted} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: {dotted} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {dotted} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {dotted} must be a string, got {_tname(value)} {value!r}")

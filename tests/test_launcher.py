@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tiny_data import tiny_config_yaml, write_training_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,8 +23,9 @@ BASH = shutil.which("bash") or "/bin/bash"  # absolute: the tests run with a PAT
 
 # Variables the scripts read; cleared so the developer's shell cannot change what a test sees.
 _LAUNCH_VARS = ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_BACKEND",
-                "RDZV_ENDPOINT", "RDZV_PORT", "RDZV_CONF", "MAX_RESTARTS", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS", "PYTHON", "CUDA_VISIBLE_DEVICES",
-                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "GPUS_PER_NODE", "DISTILL_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+                "RDZV_ENDPOINT", "RDZV_PORT", "RDZV_CONF", "MAX_RESTARTS", "OMP_NUM_THREADS", "PYTHON",
+                "CUDA_VISIBLE_DEVICES", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+                "GPUS_PER_NODE", "DISTILL_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 # System tools the two scripts call; linked into a private bin dir so PATH holds nothing else (no real torchrun).
 _TOOLS = ("bash", "dirname", "basename", "nproc", "getconf", "grep", "sed", "head", "date", "sleep", "cat", "env")
 
@@ -102,7 +102,7 @@ def fake(tmp_path: Path):
             return env
 
         def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run([BASH, str(RUN_DDP), *args], env=self.env(**extra), capture_output=True,
+            return subprocess.run(check=False, args=[BASH, str(RUN_DDP), *args], env=self.env(**extra), capture_output=True,
                                   text=True, timeout=60, cwd=tmp_path)
 
         def torchrun_args(self) -> list[str]:
@@ -126,7 +126,7 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
     env.update(NPROC="2", PATH=f"{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    res = subprocess.run([BASH, str(RUN_DDP), str(config), "--dry-run"], env=env, capture_output=True, text=True,
+    res = subprocess.run(check=False, args=[BASH, str(RUN_DDP), str(config), "--dry-run"], env=env, capture_output=True, text=True,
                          timeout=180, cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
@@ -148,20 +148,20 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
 
 
 def test_missing_config_fails_with_clear_message(tmp_path):
-    res = subprocess.run([BASH, str(RUN_DDP), str(tmp_path / "nope.yaml"), "--dry-run"], capture_output=True,
+    res = subprocess.run(check=False, args=[BASH, str(RUN_DDP), str(tmp_path / "nope.yaml"), "--dry-run"], capture_output=True,
                          text=True, timeout=30)
     assert res.returncode == 2
     assert f"run_ddp.sh: error: config file not found: {tmp_path / 'nope.yaml'}" in res.stderr
     assert "running:" not in res.stdout
 
-    res = subprocess.run([BASH, str(RUN_DDP)], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(check=False, args=[BASH, str(RUN_DDP)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "run_ddp.sh: error: missing CONFIG" in res.stderr
 
 
 def test_script_is_executable_and_help_lists_the_variables():
     assert os.access(RUN_DDP, os.X_OK)
-    res = subprocess.run([str(RUN_DDP), "--help"], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(check=False, args=[str(RUN_DDP), "--help"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0
     for var in ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_BACKEND",
                 "RDZV_ENDPOINT", "MAX_RESTARTS", "OMP_NUM_THREADS"):
@@ -319,7 +319,7 @@ def test_exit_status_of_torchrun_is_returned(fake):
 
 
 def test_sbatch_script_syntax_and_directives():
-    res = subprocess.run([BASH, "-n", str(SBATCH)], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(check=False, args=[BASH, "-n", str(SBATCH)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     directives = [line.split("#", 2)[1].split()[1] for line in SBATCH.read_text().splitlines()
                   if line.startswith("#SBATCH")]
@@ -333,12 +333,12 @@ def _slurm_env(fake, **extra: str) -> dict[str, str]:
 
 
 def test_sbatch_launches_one_torchrun_per_node_with_c10d(fake):
-    res = subprocess.run([BASH, str(SBATCH), str(fake.config), "--set", "phase2.temperature=0.05"],
+    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config), "--set", "phase2.temperature=0.05"],
                          env=_slurm_env(fake), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     srun = (fake.out / "srun_args.txt").read_text().splitlines()
     assert srun[:4] == ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1"]
-    assert srun[4] == "./run_ddp.sh"
+    assert srun[4:6] == ["bash", "./run_ddp.sh"]
     args = fake.torchrun_args()
     assert args[1:7] == ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=node-a:{29500 + 4321 % 1000}",
                          "--rdzv-id=slurm-4321", "--nproc-per-node=8", "--max-restarts=0"]
@@ -349,12 +349,12 @@ def test_sbatch_launches_one_torchrun_per_node_with_c10d(fake):
 
 
 def test_sbatch_requeued_job_drops_overwrite(fake):
-    res = subprocess.run([BASH, str(SBATCH), str(fake.config), "--overwrite"], env=_slurm_env(fake),
+    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config), "--overwrite"], env=_slurm_env(fake),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert fake.torchrun_args()[-1] == "--overwrite"  # first start: as asked
 
-    res = subprocess.run([BASH, str(SBATCH), str(fake.config), "--log-level", "DEBUG", "--overwrite"],
+    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config), "--log-level", "DEBUG", "--overwrite"],
                          env=_slurm_env(fake, SLURM_RESTART_COUNT="1"), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert fake.torchrun_args()[-4:] == ["--config", str(fake.config), "--log-level", "DEBUG"]
@@ -362,7 +362,7 @@ def test_sbatch_requeued_job_drops_overwrite(fake):
 
 
 def test_sbatch_failure_is_not_requeued(fake):
-    res = subprocess.run([BASH, str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="exit3"),
+    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="exit3"),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 3
     assert not (fake.out / "requeue.txt").exists()
@@ -390,7 +390,7 @@ def test_sbatch_forwards_sigterm_and_requeues(fake):
 
 
 def test_sbatch_rejects_missing_config(fake):
-    res = subprocess.run([BASH, str(SBATCH), "configs/does-not-exist.yaml"], env=_slurm_env(fake),
+    res = subprocess.run(check=False, args=[BASH, str(SBATCH), "configs/does-not-exist.yaml"], env=_slurm_env(fake),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "config file not found: configs/does-not-exist.yaml" in res.stderr

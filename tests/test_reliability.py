@@ -64,6 +64,18 @@ def _worker_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the workers (torchrun starts them in sessions of their own) and the agent."""
+    for pid in _children(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     end = time.time() + timeout
     while not path.exists():
@@ -116,7 +128,7 @@ def test_sigkill_of_one_rank_then_elastic_restart_gives_the_same_model(tmp_path,
         out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "resuming from" in err
     _assert_same_weights(run_dir / "phase2" / "model.safetensors", uninterrupted / "phase2" / "model.safetensors")
@@ -140,7 +152,7 @@ def test_sigkill_without_restarts_stops_every_rank_quickly(tmp_path, tiny_teache
         assert time.time() - killed_at < 60  # the surviving rank does not hang
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc)
     assert proc.returncode != 0
     # A plain rerun of the same command resumes and ends with the uninterrupted run's weights.
     res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *OVERRIDES], timeout=600)
@@ -160,7 +172,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_teacher_dir
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "preempted (SIGTERM) at phase2 step" in err
     assert not (run_dir / "final").exists()
@@ -192,11 +204,10 @@ def test_resume_with_changed_config_is_an_error(tmp_path, tiny_teacher_dir, tiny
     proc = _popen(cfg)
     try:
         _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "COMPLETE", proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        _kill_all(proc)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_all(proc)
     env = _env()
     base = [sys.executable, "train_ddp.py", "--config", str(cfg), *OVERRIDES]
     res = subprocess.run([*base, "--set", "phase2.temperature=0.05"], cwd=REPO_ROOT, env=env, capture_output=True,
