@@ -22,10 +22,29 @@ VENV_BIN = Path(sys.executable).parent
 BASH = shutil.which("bash") or "/bin/bash"  # absolute: the tests run with a PATH that lacks it
 
 # Variables the scripts read; cleared so the developer's shell cannot change what a test sees.
-_LAUNCH_VARS = ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_BACKEND",
-                "RDZV_ENDPOINT", "RDZV_PORT", "RDZV_CONF", "MAX_RESTARTS", "OMP_NUM_THREADS", "PYTHON",
-                "CUDA_VISIBLE_DEVICES", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
-                "GPUS_PER_NODE", "DISTILL_DIR", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+_LAUNCH_VARS = (
+    "NPROC",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RDZV_ID",
+    "RDZV_BACKEND",
+    "RDZV_ENDPOINT",
+    "RDZV_PORT",
+    "RDZV_CONF",
+    "MAX_RESTARTS",
+    "OMP_NUM_THREADS",
+    "PYTHON",
+    "CUDA_VISIBLE_DEVICES",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+    "GPUS_PER_NODE",
+    "DISTILL_DIR",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+)
 # System tools the two scripts call; linked into a private bin dir so PATH holds nothing else (no real torchrun).
 _TOOLS = ("bash", "dirname", "basename", "nproc", "getconf", "grep", "sed", "head", "date", "sleep", "cat", "env")
 
@@ -42,6 +61,7 @@ case "$mode" in
         trap 'echo TERM >> "$out/signals.txt"; kill "$sleeper" 2>/dev/null; exit 143' TERM
         sleep 60 &
         sleeper=$!
+        printf '%s %s\n' "$$" "$sleeper" > "$out/pids.txt"
         : > "$out/started"
         wait "$sleeper"
         exit 0
@@ -68,6 +88,11 @@ case "$1" in
     *) exit 1 ;;
 esac
 """
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` capturing text output; the caller checks the exit status."""
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, **kwargs)
 
 
 def _write_exe(path: Path, text: str) -> None:
@@ -102,8 +127,7 @@ def fake(tmp_path: Path):
             return env
 
         def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run(check=False, args=[BASH, str(RUN_DDP), *args], env=self.env(**extra), capture_output=True,
-                                  text=True, timeout=60, cwd=tmp_path)
+            return _run([BASH, str(RUN_DDP), *args], env=self.env(**extra), timeout=60, cwd=tmp_path)
 
         def torchrun_args(self) -> list[str]:
             return (out / "torchrun_args.txt").read_text(encoding="utf-8").splitlines()
@@ -124,10 +148,14 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
     files = write_training_files(tmp_path / "data")
     config = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(NPROC="2", PATH=f"{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    res = subprocess.run(check=False, args=[BASH, str(RUN_DDP), str(config), "--dry-run"], env=env, capture_output=True, text=True,
-                         timeout=180, cwd=tmp_path)
+    env.update(
+        NPROC="2",
+        PATH=f"{VENV_BIN}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    res = _run([BASH, str(RUN_DDP), str(config), "--dry-run"], env=env, timeout=180, cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     # the launch summary and the exact command
@@ -135,8 +163,13 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
     cmd_line = next(line for line in res.stdout.splitlines() if line.startswith("run_ddp.sh: running:"))
     cmd = cmd_line.split(":", 2)[2].split()
     assert Path(cmd[0]).name == "torchrun"
-    assert cmd[1:6] == ["--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0",
-                        "--local-ranks-filter=0"]
+    assert cmd[1:6] == [
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "--local-ranks-filter=0",
+    ]
     assert cmd[6] == str(REPO / "train_ddp.py")
     assert cmd[7:] == ["--config", str(config), "--dry-run"]
     # train_ddp.py's plan, computed for world size 2 (tiny config: batch 8/rank, accumulation 2 then 1), printed once
@@ -148,23 +181,32 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
 
 
 def test_missing_config_fails_with_clear_message(tmp_path):
-    res = subprocess.run(check=False, args=[BASH, str(RUN_DDP), str(tmp_path / "nope.yaml"), "--dry-run"], capture_output=True,
-                         text=True, timeout=30)
+    res = _run([BASH, str(RUN_DDP), str(tmp_path / "nope.yaml"), "--dry-run"], timeout=30)
     assert res.returncode == 2
     assert f"run_ddp.sh: error: config file not found: {tmp_path / 'nope.yaml'}" in res.stderr
     assert "running:" not in res.stdout
 
-    res = subprocess.run(check=False, args=[BASH, str(RUN_DDP)], capture_output=True, text=True, timeout=30)
+    res = _run([BASH, str(RUN_DDP)], timeout=30)
     assert res.returncode == 2
     assert "run_ddp.sh: error: missing CONFIG" in res.stderr
 
 
 def test_script_is_executable_and_help_lists_the_variables():
     assert os.access(RUN_DDP, os.X_OK)
-    res = subprocess.run(check=False, args=[str(RUN_DDP), "--help"], capture_output=True, text=True, timeout=30)
+    res = _run([str(RUN_DDP), "--help"], timeout=30)
     assert res.returncode == 0
-    for var in ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_BACKEND",
-                "RDZV_ENDPOINT", "MAX_RESTARTS", "OMP_NUM_THREADS"):
+    for var in (
+        "NPROC",
+        "NNODES",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RDZV_ID",
+        "RDZV_BACKEND",
+        "RDZV_ENDPOINT",
+        "MAX_RESTARTS",
+        "OMP_NUM_THREADS",
+    ):
         assert var in res.stdout
 
 
@@ -179,9 +221,19 @@ def test_single_node_cpu_defaults(fake):
     assert "1 process(es) per node on CPU, gloo backend: no GPU found by nvidia-smi" in res.stdout
     args = fake.torchrun_args()
     assert args[0] == str(fake.bin / "torchrun")
-    assert args[1:] == ["--standalone", "--nnodes=1", "--nproc-per-node=1", "--max-restarts=0",
-                        str(REPO / "train_ddp.py"), "--config", str(fake.config),
-                        "--set", "phase1.num_epochs=2", "--log-level", "DEBUG"]
+    assert args[1:] == [
+        "--standalone",
+        "--nnodes=1",
+        "--nproc-per-node=1",
+        "--max-restarts=0",
+        str(REPO / "train_ddp.py"),
+        "--config",
+        str(fake.config),
+        "--set",
+        "phase1.num_epochs=2",
+        "--log-level",
+        "DEBUG",
+    ]
     env = fake.torchrun_env()
     assert env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))  # all cores for the single process
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "90"
@@ -189,13 +241,17 @@ def test_single_node_cpu_defaults(fake):
 
 
 def test_user_settings_are_kept(fake):
-    res = fake.run(str(fake.config), NPROC="3", OMP_NUM_THREADS="5", MAX_RESTARTS="2",
-                   TORCH_ELASTIC_SHUTDOWN_TIMEOUT="40")
+    res = fake.run(
+        str(fake.config), NPROC="3", OMP_NUM_THREADS="5", MAX_RESTARTS="2", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="40"
+    )
     assert res.returncode == 0, res.stderr
     args = fake.torchrun_args()
     assert "--nproc-per-node=3" in args and "--max-restarts=2" in args
-    assert fake.torchrun_env() == {"OMP_NUM_THREADS": "5", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40",
-                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    assert fake.torchrun_env() == {
+        "OMP_NUM_THREADS": "5",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
 
 
 def test_restarts_use_a_fresh_store_and_refuse_overwrite(fake):
@@ -238,15 +294,32 @@ def test_multi_node_c10d_rendezvous(fake):
     res = fake.run(str(fake.config), NNODES="2", MASTER_ADDR="10.1.2.3", NPROC="8", NODE_RANK="1")
     assert res.returncode == 0, res.stderr
     args = fake.torchrun_args()
-    assert args[1:7] == ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.1.2.3:29500",
-                         "--rdzv-id=distill-exp", "--nproc-per-node=8", "--max-restarts=0"]
+    assert args[1:7] == [
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.1.2.3:29500",
+        "--rdzv-id=distill-exp",
+        "--nproc-per-node=8",
+        "--max-restarts=0",
+    ]
     assert "--standalone" not in args and not any(a.startswith("--node-rank") for a in args)
 
-    res = fake.run(str(fake.config), NNODES="2:4", RDZV_ENDPOINT="head:7777", RDZV_ID="job42", MASTER_ADDR="x",
-                   RDZV_CONF="join_timeout=1800")
+    res = fake.run(
+        str(fake.config),
+        NNODES="2:4",
+        RDZV_ENDPOINT="head:7777",
+        RDZV_ID="job42",
+        MASTER_ADDR="x",
+        RDZV_CONF="join_timeout=1800",
+    )
     assert res.returncode == 0, res.stderr
-    assert fake.torchrun_args()[1:6] == ["--nnodes=2:4", "--rdzv-backend=c10d", "--rdzv-endpoint=head:7777",
-                                         "--rdzv-id=job42", "--rdzv-conf=join_timeout=1800"]
+    assert fake.torchrun_args()[1:6] == [
+        "--nnodes=2:4",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=head:7777",
+        "--rdzv-id=job42",
+        "--rdzv-conf=join_timeout=1800",
+    ]
 
     res = fake.run(str(fake.config), NNODES="2", SLURM_JOB_ID="777", MASTER_ADDR="h", MASTER_PORT="1234")
     assert res.returncode == 0, res.stderr
@@ -254,8 +327,9 @@ def test_multi_node_c10d_rendezvous(fake):
 
 
 def test_multi_node_static_rendezvous(fake):
-    res = fake.run(str(fake.config), NNODES="2", RDZV_BACKEND="static", NODE_RANK="1", MASTER_ADDR="h0",
-                   MASTER_PORT="1234")
+    res = fake.run(
+        str(fake.config), NNODES="2", RDZV_BACKEND="static", NODE_RANK="1", MASTER_ADDR="h0", MASTER_PORT="1234"
+    )
     assert res.returncode == 0, res.stderr
     assert fake.torchrun_args()[1:5] == ["--nnodes=2", "--node-rank=1", "--master-addr=h0", "--master-port=1234"]
 
@@ -319,29 +393,44 @@ def test_exit_status_of_torchrun_is_returned(fake):
 
 
 def test_sbatch_script_syntax_and_directives():
-    res = subprocess.run(check=False, args=[BASH, "-n", str(SBATCH)], capture_output=True, text=True, timeout=30)
+    res = _run([BASH, "-n", str(SBATCH)], timeout=30)
     assert res.returncode == 0, res.stderr
-    directives = [line.split("#", 2)[1].split()[1] for line in SBATCH.read_text().splitlines()
-                  if line.startswith("#SBATCH")]
+    directives = [
+        line.split("#", 2)[1].split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")
+    ]
     for d in ("--requeue", "--signal=B:TERM@120", "--ntasks-per-node=1", "--gpus-per-node=8", "--nodes=2"):
         assert d in directives
 
 
 def _slurm_env(fake, **extra: str) -> dict[str, str]:
-    return fake.env(SLURM_JOB_ID="4321", SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2",
-                    SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="16", SLURM_GPUS_ON_NODE="8", **extra)
+    return fake.env(
+        SLURM_JOB_ID="4321",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_CPUS_PER_TASK="16",
+        SLURM_GPUS_ON_NODE="8",
+        **extra,
+    )
 
 
 def test_sbatch_launches_one_torchrun_per_node_with_c10d(fake):
-    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config), "--set", "phase2.temperature=0.05"],
-                         env=_slurm_env(fake), capture_output=True, text=True, timeout=60)
+    res = _run(
+        [BASH, str(SBATCH), str(fake.config), "--set", "phase2.temperature=0.05"], env=_slurm_env(fake), timeout=60
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     srun = (fake.out / "srun_args.txt").read_text().splitlines()
     assert srun[:4] == ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16", "--kill-on-bad-exit=1"]
     assert srun[4:6] == ["bash", "./run_ddp.sh"]
     args = fake.torchrun_args()
-    assert args[1:7] == ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=node-a:{29500 + 4321 % 1000}",
-                         "--rdzv-id=slurm-4321", "--nproc-per-node=8", "--max-restarts=0"]
+    assert args[1:7] == [
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=node-a:{29500 + 4321 % 1000}",
+        "--rdzv-id=slurm-4321",
+        "--nproc-per-node=8",
+        "--max-restarts=0",
+    ]
     assert args[-4:] == ["--config", str(fake.config), "--set", "phase2.temperature=0.05"]
     assert fake.torchrun_env()["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "100"
     assert not (fake.out / "requeue.txt").exists()
@@ -349,28 +438,44 @@ def test_sbatch_launches_one_torchrun_per_node_with_c10d(fake):
 
 
 def test_sbatch_requeued_job_drops_overwrite(fake):
-    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config), "--overwrite"], env=_slurm_env(fake),
-                         capture_output=True, text=True, timeout=60)
+    res = _run([BASH, str(SBATCH), str(fake.config), "--overwrite"], env=_slurm_env(fake), timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert fake.torchrun_args()[-1] == "--overwrite"  # first start: as asked
 
-    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config), "--log-level", "DEBUG", "--overwrite"],
-                         env=_slurm_env(fake, SLURM_RESTART_COUNT="1"), capture_output=True, text=True, timeout=60)
+    res = _run(
+        [BASH, str(SBATCH), str(fake.config), "--log-level", "DEBUG", "--overwrite"],
+        env=_slurm_env(fake, SLURM_RESTART_COUNT="1"),
+        timeout=60,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert fake.torchrun_args()[-4:] == ["--config", str(fake.config), "--log-level", "DEBUG"]
     assert "dropping --overwrite so training resumes" in res.stdout
 
 
 def test_sbatch_failure_is_not_requeued(fake):
-    res = subprocess.run(check=False, args=[BASH, str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="exit3"),
-                         capture_output=True, text=True, timeout=60)
+    res = _run([BASH, str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="exit3"), timeout=60)
     assert res.returncode == 3
     assert not (fake.out / "requeue.txt").exists()
 
 
+def _kill_if_ours(pid: int, fake_bin: Path) -> None:
+    """SIGKILL the fake torchrun or its ``sleep 60`` if a failed test left them running (checked by command line)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return  # already gone
+    if cmdline == b"sleep\x0060\x00" or str(fake_bin / "torchrun").encode() in cmdline:
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_sbatch_forwards_sigterm_and_requeues(fake):
-    proc = subprocess.Popen([BASH, str(SBATCH), str(fake.config)], env=_slurm_env(fake, FAKE_MODE="wait"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [BASH, str(SBATCH), str(fake.config)],
+        env=_slurm_env(fake, FAKE_MODE="wait"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (fake.out / "started").exists():
@@ -383,6 +488,9 @@ def test_sbatch_forwards_sigterm_and_requeues(fake):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        pids = fake.out / "pids.txt"
+        for pid in pids.read_text().split() if pids.exists() else []:
+            _kill_if_ours(int(pid), fake.bin)
     assert proc.returncode == 0, stdout + stderr
     assert (fake.out / "signals.txt").read_text().split() == ["TERM"]  # torchrun got exactly one SIGTERM
     assert (fake.out / "requeue.txt").read_text().split() == ["4321"]
@@ -390,8 +498,7 @@ def test_sbatch_forwards_sigterm_and_requeues(fake):
 
 
 def test_sbatch_rejects_missing_config(fake):
-    res = subprocess.run(check=False, args=[BASH, str(SBATCH), "configs/does-not-exist.yaml"], env=_slurm_env(fake),
-                         capture_output=True, text=True, timeout=60)
+    res = _run([BASH, str(SBATCH), "configs/does-not-exist.yaml"], env=_slurm_env(fake), timeout=60)
     assert res.returncode == 2
     assert "config file not found: configs/does-not-exist.yaml" in res.stderr
     assert not (fake.out / "srun_args.txt").exists()
