@@ -23,8 +23,6 @@
 #   OMP_NUM_THREADS default: CPU cores of this node / NPROC (at least 1)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits after forwarding SIGTERM before SIGKILL (default
 #                  here 90, torch's own default is 30): time for the trainer to finish its step and save
-#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  default here 1 when MAX_RESTARTS > 0 or NNODES is a range: restarted
-#                  workers then build a fresh store instead of reusing torchrun's (which can fail to reconnect)
 #   PYTHON         interpreter to run `python -m torch.distributed.run` with (default: `torchrun` from PATH,
 #                  else python3)
 set -euo pipefail
@@ -127,12 +125,6 @@ if ((MAX_RESTARTS > 0)); then
                 "resuming; delete the run folder (paths.output_dir/<experiment>) yourself, or use MAX_RESTARTS=0"
         fi
     done
-fi
-if ((MAX_RESTARTS > 0)) || [[ $NNODES == *:* ]]; then
-    # Restarted workers re-initialise their process group; with the store shared with torchrun's rendezvous
-    # (torch >= 2.5 default) they can read the previous attempt's addresses and fail to connect (seen with gloo,
-    # pytorch/pytorch#135712). A separate store per attempt avoids it.
-    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 fi
 
 config_name=$(basename "$CONFIG")

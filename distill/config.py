@@ -34,6 +34,7 @@ class ModelConfig:
     student_dim: int = 768
     projection_hidden_dim: int = 1536
     use_projection: bool = True
+    head_lr_multiplier: float = 10.0  # the random-init projection head learns at lr x this (projection mode)
     model_name: str | None = None  # None: distilled-{student family}-{output dim}d
     teacher_revision: str | None = None
     student_revision: str | None = None
@@ -50,7 +51,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: sdpa where supported
 
     def validate(self) -> None:
-        _positive(self, "teacher_dim", "student_dim", "projection_hidden_dim", "teacher_batch_size")
+        _positive(self, "teacher_dim", "student_dim", "projection_hidden_dim", "teacher_batch_size",
+                  "head_lr_multiplier")
         if self.teacher_max_length is not None:
             _positive(self, "teacher_max_length")
         if not self.use_projection:

@@ -159,8 +159,7 @@ class Trainer:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting")
-        self._stop_requested = True
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM (e.g. torchrun giving up) ends us at once
+        self._stop_requested = True  # SLURM and torchrun may both deliver SIGTERM: every one just sets the flag
 
     # ---- run ----
     def run(self) -> Path:
@@ -173,7 +172,7 @@ class Trainer:
             if resume is not None and (p < resume.state.phase or (p == resume.state.phase and resume.state.phase_done)):
                 continue  # finished before the restart
             ckpt = resume if resume is not None and resume.state.phase == p else None
-            if p == 2 and ckpt is None and 1 not in trained_here:
+            if p == 2 and ckpt is None and resume is None and 1 not in trained_here:
                 self._load_phase1_weights()
             self.train_phase(p, ckpt)
             trained_here.add(p)
@@ -237,7 +236,7 @@ class Trainer:
             total_steps = min(total_steps, pcfg.max_steps)
         loss_fn = self._loss(phase)
         self._freeze_unused_parameters(data, tables, sampler, phase, targets)
-        optimizer = _adamw(self.model, pcfg.learning_rate, pcfg.weight_decay)
+        optimizer = _adamw(self.model, pcfg.learning_rate, pcfg.weight_decay, cfg.model.head_lr_multiplier)
         from transformers import get_linear_schedule_with_warmup
 
         scheduler = get_linear_schedule_with_warmup(optimizer, min(pcfg.warmup_steps, total_steps), total_steps)
@@ -256,8 +255,8 @@ class Trainer:
         runner.loop()
         self.padding[name] = runner.padding_efficiency()
         state.phase_done = True
+        self._save_phase_weights(phase)  # first: a phase-done checkpoint implies the phase's weights exist
         self._save(state, optimizer, scheduler, scaler, name=f"phase{phase}-step{state.step:08d}")
-        self._save_phase_weights(phase)
         if cfg.eval.data:
             self._evaluate(name, state.step)
 
@@ -635,12 +634,21 @@ class _PhaseRunner:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and normalisation weights (1-d tensors), as is standard for transformers."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+def _adamw(model: DistillModel, lr: float, weight_decay: float, head_lr_multiplier: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and normalisation weights (1-d tensors), as is standard for transformers.
+
+    The projection head starts from random weights while the student is pretrained, so the head's groups get
+    ``lr * head_lr_multiplier``; the linear schedule scales every group alike.
+    """
+    head_ids = {id(p) for p in model.head.parameters()} if model.head is not None else set()
+    groups = []
+    for is_head, mult in ((False, 1.0), (True, head_lr_multiplier)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head_ids) == is_head]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult})
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def _max_student_length(student) -> int:

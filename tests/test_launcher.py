@@ -38,7 +38,6 @@ _LAUNCH_VARS = (
     "PYTHON",
     "CUDA_VISIBLE_DEVICES",
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
-    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
     "GPUS_PER_NODE",
     "DISTILL_DIR",
     "WORLD_SIZE",
@@ -52,9 +51,8 @@ FAKE_TORCHRUN = r"""#!/bin/bash
 # Records how it was called; FAKE_MODE=exitN exits with N, FAKE_MODE=wait runs until SIGTERM.
 out=${FAKE_OUT:?}
 printf '%s\n' "$0" "$@" > "$out/torchrun_args.txt"
-printf 'OMP_NUM_THREADS=%s\nTORCH_ELASTIC_SHUTDOWN_TIMEOUT=%s\nTORCH_DISABLE_SHARE_RDZV_TCP_STORE=%s\n' \
-    "${OMP_NUM_THREADS-}" "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT-}" "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE-unset}" \
-    > "$out/torchrun_env.txt"
+printf 'OMP_NUM_THREADS=%s\nTORCH_ELASTIC_SHUTDOWN_TIMEOUT=%s\n' "${OMP_NUM_THREADS-}" \
+    "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT-}" > "$out/torchrun_env.txt"
 mode=${FAKE_MODE:-exit0}
 case "$mode" in
     wait)
@@ -250,22 +248,10 @@ def test_user_settings_are_kept(fake):
     assert fake.torchrun_env() == {
         "OMP_NUM_THREADS": "5",
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "40",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     }
 
 
-def test_restarts_use_a_fresh_store_and_refuse_overwrite(fake):
-    res = fake.run(str(fake.config))
-    assert res.returncode == 0, res.stderr
-    assert fake.torchrun_env()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "unset"  # torch's default without restarts
-    res = fake.run(str(fake.config), NNODES="1:2", MASTER_ADDR="h")
-    assert res.returncode == 0, res.stderr
-    assert fake.torchrun_env()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # elastic: membership changes restart
-    res = fake.run(str(fake.config), MAX_RESTARTS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")
-    assert res.returncode == 0, res.stderr
-    assert fake.torchrun_env()["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"  # the user's choice wins
-
-    (fake.out / "torchrun_args.txt").unlink()
+def test_restarts_refuse_overwrite(fake):
     res = fake.run(str(fake.config), "--overwrite", MAX_RESTARTS="2")
     assert res.returncode == 2
     assert "--overwrite with MAX_RESTARTS=2 would delete the run again at every restart" in res.stderr
