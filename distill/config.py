@@ -99,6 +99,7 @@ class PhaseCommon:
 class Phase1Config(PhaseCommon):
     cosine_weight: float = 0.6
     max_samples_per_dataset: int | None = 100000
+    head_only_fraction: float = 0.1  # projection mode: the first 10% of steps train the head alone (LP-FT)
 
     def validate(self, section: str = "phase1") -> None:
         super().validate(section)
@@ -107,6 +108,8 @@ class Phase1Config(PhaseCommon):
             raise ConfigError("phase1: mse_weight + cosine_weight must be > 0 (the loss would be 0)")
         if self.max_samples_per_dataset is not None:
             _positive(self, "max_samples_per_dataset", section=section)
+        if not 0.0 <= self.head_only_fraction < 1.0:
+            raise ConfigError(f"{section}.head_only_fraction must be in [0, 1), got {self.head_only_fraction}")
 
 
 @dataclass

@@ -244,14 +244,14 @@ class Trainer:
         state = TrainState(phase=phase)
         if ckpt is not None:
             state = self._restore(ckpt, optimizer, scheduler, scaler)
-        ddp = self._wrap()
+        head_only = round(pcfg.head_only_fraction * total_steps) if phase == 1 and self.model.head is not None else 0
         log.info("%s: %d examples, %d batches/rank/epoch of %d (global batch %d, x%d accumulation = %d per step), "
                  "%d optimizer steps", name, len(data.examples), len(sampler), pcfg.batch_size,
                  pcfg.batch_size * self.info.world_size, accum, pcfg.batch_size * self.info.world_size * accum,
                  total_steps)
 
-        runner = _PhaseRunner(self, phase, pcfg, data, tables, targets, sampler, loss_fn, ddp, optimizer, scheduler,
-                              scaler, state, total_steps)
+        runner = _PhaseRunner(self, phase, pcfg, data, tables, targets, sampler, loss_fn, optimizer, scheduler,
+                              scaler, state, total_steps, head_only)
         runner.loop()
         self.padding[name] = runner.padding_efficiency()
         state.phase_done = True
@@ -317,11 +317,11 @@ class Trainer:
         if frozen:
             log.info("frozen %d parameter tensors that receive no gradient (e.g. %s)", len(frozen), frozen[0])
 
-    def _wrap(self) -> nn.Module:
+    def _wrap(self, module: nn.Module) -> nn.Module:
         if not D.is_distributed():
-            return self.model
+            return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(self.model, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+        return DDP(module, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
 
     def _batch_loss(self, phase, data, tables, targets, loss_fn, model, batch) -> tuple[torch.Tensor, dict, int, int]:
         """Loss of one micro-batch of example indices; returns (loss, terms, real tokens, padded tokens)."""
@@ -503,16 +503,32 @@ class Trainer:
 class _PhaseRunner:
     """The inner loop of one phase (kept apart so :class:`Trainer` stays readable)."""
 
-    def __init__(self, tr: Trainer, phase, pcfg, data, tables, targets, sampler, loss_fn, ddp, optimizer, scheduler,
-                 scaler, state: TrainState, total_steps: int):
+    def __init__(self, tr: Trainer, phase, pcfg, data, tables, targets, sampler, loss_fn, optimizer, scheduler,
+                 scaler, state: TrainState, total_steps: int, head_only_steps: int):
         self.tr, self.phase, self.pcfg = tr, phase, pcfg
         self.data, self.tables, self.targets, self.sampler = data, tables, targets, sampler
-        self.loss_fn, self.ddp, self.optimizer, self.scheduler, self.scaler = loss_fn, ddp, optimizer, scheduler, scaler
+        self.loss_fn, self.optimizer, self.scheduler, self.scaler = loss_fn, optimizer, scheduler, scaler
+        self.head_only_steps = head_only_steps
+        self._full: nn.Module | None = None
+        self._head: nn.Module | None = None
         self.state, self.total_steps = state, total_steps
         self.real_tokens = 0
         self.padded_tokens = 0
         self.consecutive_nonfinite = 0
         self.name = f"phase{phase}"
+
+    @property
+    def ddp(self) -> nn.Module:
+        """What this step trains: the head alone over frozen student features during the first ``head_only_steps``
+        (linear probing before fine-tuning, so a random head does not distort the pretrained student), else the
+        student and head together. Each is wrapped in DDP when first needed."""
+        if self.state.step < self.head_only_steps:
+            if self._head is None:
+                self._head = _HeadOnly(self.tr.model, self.tr._wrap(_HeadModule(self.tr.model.head)))
+            return self._head
+        if self._full is None:
+            self._full = self.tr._wrap(self.tr.model)
+        return self._full
 
     def padding_efficiency(self) -> float:
         totals = D.all_reduce_sum(torch.tensor([self.real_tokens, self.padded_tokens], dtype=torch.float64))
@@ -572,19 +588,20 @@ class _PhaseRunner:
         """Forward/backward every micro-batch of one optimizer step; gradients sync only on the last one."""
         tr = self.tr
         loss_sum, terms_sum, n = 0.0, {}, 0
-        is_ddp = isinstance(self.ddp, DDP)
+        model = self.ddp
+        is_ddp = isinstance(model, (DDP, _HeadOnly)) and D.is_distributed()
         cached = self.phase == 2 and tr.cfg.phase2.cached_infonce
         for j, batch in enumerate(group):
             last = j == len(group) - 1
             if cached:
                 loss, terms, real, padded = tr._cached_phase2(
-                    self.data, self.tables, self.targets, self.loss_fn, self.ddp, batch, 1.0 / len(group),
-                    self.ddp.no_sync if is_ddp else None, sync_last=last)
+                    self.data, self.tables, self.targets, self.loss_fn, model, batch, 1.0 / len(group),
+                    model.no_sync if is_ddp else None, sync_last=last)
             else:
-                sync = contextlib.nullcontext() if last or not is_ddp else self.ddp.no_sync()
+                sync = contextlib.nullcontext() if last or not is_ddp else model.no_sync()
                 with sync:
                     loss, terms, real, padded = tr._batch_loss(self.phase, self.data, self.tables, self.targets,
-                                                               self.loss_fn, self.ddp, batch)
+                                                               self.loss_fn, model, batch)
                     scaled = loss / len(group)
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
@@ -632,6 +649,32 @@ class _PhaseRunner:
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class _HeadModule(nn.Module):
+    """The projection head as a module of tensors (so DDP can wrap the head alone)."""
+
+    def __init__(self, head: nn.Sequential):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head({"sentence_embedding": x})["sentence_embedding"]
+
+
+class _HeadOnly:
+    """Head-only training step: the student embeds without a graph, the (DDP-wrapped) head learns on top."""
+
+    def __init__(self, model: DistillModel, head: nn.Module):
+        self.model, self.head = model, head
+
+    def __call__(self, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        with torch.no_grad():
+            feats = torch.cat([self.model.student(dict(c))["sentence_embedding"] for c in chunks])
+        return self.head(feats)
+
+    def no_sync(self):
+        return self.head.no_sync()
 
 
 def _adamw(model: DistillModel, lr: float, weight_decay: float, head_lr_multiplier: float) -> torch.optim.Optimizer:

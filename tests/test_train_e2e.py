@@ -164,3 +164,19 @@ def test_dry_run_prints_the_plan_and_loads_no_weights(tmp_path, tiny_teacher_dir
         assert needle in out, needle
     assert not (tmp_path / "out").exists()  # nothing written, no weights loaded
     assert "Loading SentenceTransformer" not in res.stderr
+
+
+def test_head_only_steps_leave_the_student_untouched(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):
+    """LP-FT: during phase1.head_only_fraction of the steps only the projection head learns."""
+    from sentence_transformers import SentenceTransformer
+
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
+    res = train_single(cfg, "--set", "training.skip_phase2=true", "--set", "phase1.head_only_fraction=0.99",
+                       "--set", "eval.data=null")
+    assert res.returncode == 0, res.stderr[-3000:]
+    trained = load_file(str(tmp_path / "out" / "distilled-model-48d-tiny" / "phase1" / "model.safetensors"))
+    base = {f"student.{k}": v for k, v in SentenceTransformer(str(tiny_student_dir), device="cpu").state_dict().items()}
+    student_keys = [k for k in trained if k.startswith("student.")]
+    assert student_keys and all(torch.equal(trained[k], base[k]) for k in student_keys)
+    records = train_records(tmp_path / "out" / "distilled-model-48d-tiny", "phase1")
+    assert_loss_falls(records)  # the head alone still learns

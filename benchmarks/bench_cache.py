@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""What the teacher cache saves: the same two-phase CPU workload three times, side by side in one run.
+
+1. ``no-cache``: ``--set cache.enabled=false``, the teacher stays loaded and embeds every batch inside the loop;
+2. ``cold``: a fresh cache directory, the teacher embeds each unique text once before each phase;
+3. ``warm``: run 2 again with ``--overwrite`` and the cache kept; the teacher is never loaded.
+
+Each run is a ``train_ddp.py`` subprocess (``--nproc 2``: ``torchrun --nproc_per_node=2``) on
+``configs/cpu_demo.yaml`` at reduced size (demo data with ``--max-train``, one epoch per phase by default). The
+script prints wall times, the training-loop time of each phase (``metrics.jsonl`` ``elapsed_s``), teacher forward
+passes (``final/distill_summary.json`` ``teacher_forward_passes``; texts embedded by the teacher) and the ratios
+no-cache/cold and no-cache/warm.
+
+    python benchmarks/bench_cache.py                                 # ~5 min on 2 cores
+    python benchmarks/bench_cache.py --nproc 2 --epochs2 2 --max-train 400 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common as C  # noqa: E402
+
+RUNS = ("no-cache", "cold", "warm")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--max-train", type=int, default=120, help="training rows of the demo data (default 120)")
+    p.add_argument("--epochs1", type=int, default=1, help="phase-1 epochs (default 1)")
+    p.add_argument("--epochs2", type=int, default=1, help="phase-2 epochs (default 1)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (1: python train_ddp.py, >1: torchrun)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: cores // nproc, at least 1)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="student autocast (default bf16)")
+    p.add_argument("--models-dir", type=Path, default=C.DEFAULT_MODELS)
+    p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench_cache")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.max_train < 1 or args.epochs1 < 1 or args.epochs2 < 1 or args.nproc < 1:
+        p.error("--max-train, --epochs1, --epochs2 and --nproc must be >= 1")
+    if args.threads is None:
+        args.threads = default_threads(args.nproc)
+    return args
+
+
+def default_threads(nproc: int, cores: int | None = None) -> int:
+    """Torch threads per process so that processes x threads does not exceed the cores."""
+
+    return max(1, (cores or os.cpu_count() or 1) // nproc)
+
+
+def run_overrides(run: str, args: argparse.Namespace, work: Path) -> tuple[list[str], bool]:
+    """``--set`` items and ``--overwrite`` of one of the three runs (separate output dirs; cold/warm share a cache)."""
+    sets = [f"phase1.num_epochs={args.epochs1}", f"phase2.num_epochs={args.epochs2}",
+            f"training.num_threads={args.threads}", f"training.precision={args.precision}"]
+    if run == "no-cache":
+        sets += [f"paths.output_dir={work / 'no-cache'}", f"paths.cache_dir={work / 'no-cache' / 'cache'}",
+                 "cache.enabled=false"]
+    else:
+        sets += [f"paths.output_dir={work / 'cached'}", f"paths.cache_dir={work / 'cached' / 'cache'}"]
+    return sets, run == "warm"
+
+
+def inloop_teacher_texts(stats: dict[str, C.LoopStats | None], num_negatives: int) -> int:
+    """Texts the teacher embeds inside the loop with ``cache.enabled: false``: every sample of every step, as
+    many texts as the sample has (the summary reports 0 in that mode; the freeze probe's 2 examples not counted)."""
+    total = 0
+    for phase, s in stats.items():
+        if s is not None:
+            total += s.samples * C.texts_per_sample(int(phase[-1]), num_negatives)
+    return total
+
+
+def collect(run: str, wall: float, run_dir: Path, num_negatives: int) -> dict[str, Any]:
+    summary = C.read_summary(run_dir)
+    records = C.read_train_records(run_dir / "metrics.jsonl")
+    stats = {p: C.loop_stats(records, p) for p in ("phase1", "phase2")}
+    reported = C.total_teacher_passes(summary)
+    row: dict[str, Any] = {"run": run, "wall_s": wall, "teacher_passes_reported": reported}
+    row["teacher_texts"] = inloop_teacher_texts(stats, num_negatives) if run == "no-cache" else reported
+    for p, s in stats.items():
+        row[f"{p}_loop_s"] = s.elapsed_s if s else None
+        row[f"{p}_steps"] = s.steps if s else None
+        row[f"{p}_samples_per_s"] = s.samples_per_s if s else None
+    row["loop_s"] = sum(row[f"{p}_loop_s"] or 0.0 for p in stats)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    teacher, student = C.check_models(args.models_dir)
+    work = args.workdir.resolve()
+    data = C.make_demo_data(work / f"data-{args.max_train}", args.max_train)
+    for sub in ("no-cache", "cached"):
+        shutil.rmtree(work / sub, ignore_errors=True)  # cold means cold
+    config = C.write_config(work / "bench_cache.yaml", data_dir=data, teacher=teacher, student=student,
+                            output_dir=work / "unused", cache_dir=work / "unused-cache")
+    experiment = C.experiment_name(config)
+    from distill.config import load_config
+
+    num_negatives = load_config(config).phase2.num_negatives
+    env = C.bench_env(args.threads)
+    print(f"machine: {C.machine_line(args.threads)}")
+    print(f"workload: {config} (demo data --max-train {args.max_train}, epochs {args.epochs1}+{args.epochs2}, "
+          f"{args.precision}, {args.nproc} process(es))")
+    rows = []
+    for run in RUNS:
+        sets, overwrite = run_overrides(run, args, work)
+        cmd = C.train_command(config, sets, nproc=args.nproc, overwrite=overwrite)
+        print(f"[{run}] {' '.join(cmd)}", flush=True)
+        wall = C.run_logged(cmd, work / "logs" / f"{run}.log", env)
+        run_dir = work / ("no-cache" if run == "no-cache" else "cached") / experiment
+        rows.append(collect(run, wall, run_dir, num_negatives))
+        print(f"[{run}] {wall:.1f} s", flush=True)
+
+    columns = ["run", "wall_s", "loop_s", "phase1_loop_s", "phase2_loop_s", "phase1_samples_per_s",
+               "phase2_samples_per_s", "teacher_texts", "teacher_passes_reported"]
+    print()
+    print(C.format_table(rows, columns))
+    by = {r["run"]: r for r in rows}
+    ratios = {
+        "wall no-cache/cold": C.ratio(by["no-cache"]["wall_s"], by["cold"]["wall_s"]),
+        "wall no-cache/warm": C.ratio(by["no-cache"]["wall_s"], by["warm"]["wall_s"]),
+        "loop no-cache/cold": C.ratio(by["no-cache"]["loop_s"], by["cold"]["loop_s"]),
+        "loop no-cache/warm": C.ratio(by["no-cache"]["loop_s"], by["warm"]["loop_s"]),
+        "teacher texts no-cache/cold": C.ratio(by["no-cache"]["teacher_texts"], by["cold"]["teacher_texts"]),
+    }
+    print()
+    for k, v in ratios.items():
+        print(f"{k:30s} {'-' if v is None else f'{v:.2f}x'}")
+    print("\nteacher_texts of no-cache = samples x texts per sample (computed: the summary reports "
+          f"{by['no-cache']['teacher_passes_reported']} with cache.enabled=false)")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "machine": C.machine_line(args.threads), "rows": rows, "ratios": ratios},
+                                        indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

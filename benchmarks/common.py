@@ -1,0 +1,279 @@
+"""Shared helpers of the benchmark scripts: the CPU workload, subprocess runs, and the arithmetic of the reports.
+
+The workload is ``configs/cpu_demo.yaml`` (teacher all-mpnet-base-v2, student all-MiniLM-L6-v2, projection head
+384 -> 768 -> 768) on the offline docstring data set at reduced size, with every path made absolute and evaluation,
+artifacts and mid-phase checkpoints switched off. The pure functions at the bottom (padding efficiency, FLOP
+counts, matmul peak, table formatting) are what ``tests/test_benchmarks_smoke.py`` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "cpu_demo.yaml"
+DEFAULT_MODELS = REPO / "models"
+TEACHER_NAME = "all-mpnet-base-v2"
+STUDENT_NAME = "all-MiniLM-L6-v2"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Workload
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_models(models_dir: Path) -> tuple[Path, Path]:
+    """(teacher, student) folders of the demo models, or SystemExit naming the command that fetches them."""
+    teacher, student = models_dir / TEACHER_NAME, models_dir / STUDENT_NAME
+    for path in (teacher, student):
+        if not (path / "modules.json").is_file():
+            raise SystemExit(f"{path}: demo model missing; run `python scripts/fetch_demo_models.py --models-dir "
+                             f"{models_dir}` first")
+    return teacher.resolve(), student.resolve()
+
+
+def make_demo_data(out: Path, max_train: int, seed: int = 0) -> Path:
+    """``python -m distill.demo_data --out OUT --max-train N`` unless OUT already holds that exact build."""
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        if meta.get("max_train") == max_train and meta.get("seed") == seed:
+            return out
+    cmd = [sys.executable, "-m", "distill.demo_data", "--out", str(out), "--max-train", str(max_train),
+           "--seed", str(seed)]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def write_config(path: Path, *, data_dir: Path, teacher: Path, student: Path, output_dir: Path,
+                 cache_dir: Path) -> Path:
+    """The benchmark config: ``configs/cpu_demo.yaml`` with absolute paths, no eval, no artifacts, a log line and
+    no checkpoint per step (``save_steps: 0`` still saves at each phase end). Per-run changes go on ``--set``."""
+    raw = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
+    raw["model"]["teacher"] = str(teacher)
+    raw["model"]["student"] = str(student)
+    raw["data"]["phase1"][0]["path"] = str(data_dir / "phase1.jsonl")
+    raw["data"]["phase2"][0]["path"] = str(data_dir / "phase2.jsonl")
+    raw["eval"]["data"] = None
+    raw["paths"] = {"output_dir": str(output_dir), "artifacts_dir": str(output_dir / "artifacts"),
+                    "cache_dir": str(cache_dir)}
+    raw["training"].update({"save_to_artifacts": False, "save_steps": 0, "logging_steps": 1})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def experiment_name(config_path: Path) -> str:
+    """The run folder name train_ddp.py uses for the benchmark config (student family minilm, 768-d output)."""
+    from distill.config import load_config
+
+    return load_config(config_path).experiment
+
+
+def train_command(config: Path, overrides: Sequence[str] = (), *, nproc: int = 1, overwrite: bool = False) -> list[str]:
+    """``python train_ddp.py ...`` (``nproc == 1``) or ``torchrun --nproc_per_node=N train_ddp.py ...``."""
+    if nproc == 1:
+        cmd = [sys.executable, str(REPO / "train_ddp.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc_per_node={nproc}", str(REPO / "train_ddp.py")]
+    cmd += ["--config", str(config), "--log-level", "WARNING"]
+    for item in overrides:
+        cmd += ["--set", item]
+    if overwrite:
+        cmd.append("--overwrite")
+    return cmd
+
+
+def bench_env(threads: int) -> dict[str, str]:
+    """Offline, one thread pool size for torch/OpenMP/MKL, no tokenizer threads."""
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
+    return env
+
+
+def run_logged(cmd: Sequence[str], log_path: Path, env: Mapping[str, str]) -> float:
+    """Run ``cmd`` (cwd = repo), output to ``log_path``; return the wall time in seconds. Fails with the log's tail."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log:
+        proc = subprocess.run(list(cmd), cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- {log_path} (tail) ---\n{tail}")
+    return wall
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "final" / "distill_summary.json").read_text(encoding="utf-8"))
+
+
+def read_train_records(metrics_path: Path) -> list[dict[str, Any]]:
+    """The ``event: train`` lines of a ``metrics.jsonl``."""
+    out = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.get("event") == "train":
+                out.append(rec)
+    return out
+
+
+@dataclass
+class LoopStats:
+    """One phase's training loop as logged in metrics.jsonl (t0 is just before the first step)."""
+
+    steps: int
+    samples: int
+    elapsed_s: float
+    padding_efficiency: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+
+def loop_stats(records: Iterable[Mapping[str, Any]], phase: str) -> LoopStats | None:
+    """Last train record of ``phase``: steps, samples (``samples_per_s * elapsed_s``), elapsed, padding."""
+    last = None
+    for rec in records:
+        if rec.get("phase") == phase:
+            last = rec
+    if last is None:
+        return None
+    samples = int(round(last["samples_per_s"] * last["elapsed_s"]))
+    return LoopStats(int(last["step"]), samples, float(last["elapsed_s"]), float(last["padding_efficiency"]))
+
+
+def total_teacher_passes(summary: Mapping[str, Any]) -> int:
+    """Sum of ``teacher_forward_passes`` over phases (the summary stores a dict per phase)."""
+    value = summary.get("teacher_forward_passes", 0)
+    return int(sum(value.values())) if isinstance(value, Mapping) else int(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arithmetic of the reports (pure; tested)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def texts_per_sample(phase: int, num_negatives: int) -> int:
+    """Texts embedded per training example: phase 1 one text; phase 2 a query, its positive and the negatives."""
+    return 1 if phase == 1 else 2 + num_negatives
+
+
+def padding_efficiency(attention_masks: Iterable[Any]) -> float:
+    """sum(real tokens) / sum(padded tokens) over 2-d 0/1 attention masks [b, L] (1.0 for no tokens)."""
+    real = padded = 0
+    for mask in attention_masks:
+        real += int(mask.sum())
+        padded += int(mask.numel() if hasattr(mask, "numel") else mask.size)
+    return real / padded if padded else 1.0
+
+
+def training_flops(non_embedding_params: int, real_tokens: int) -> float:
+    """Training FLOPs of a transformer: 6 * N * T (forward 2NT + backward 4NT), N = non-embedding params,
+    T = real (unpadded) tokens. Attention's sequence-quadratic term and the per-text head are left out."""
+    return 6.0 * non_embedding_params * real_tokens
+
+
+def achieved_flops_per_s(non_embedding_params: int, real_tokens: int, seconds: float) -> float:
+    """6 * N * T / wall seconds."""
+    return training_flops(non_embedding_params, real_tokens) / seconds if seconds > 0 else float("nan")
+
+
+def matmul_flop_count(n: int) -> int:
+    """FLOPs of one n x n @ n x n matmul: n^2 dot products of length n, a multiply and an add each = 2 n^3."""
+    return 2 * n**3
+
+
+def non_embedding_params(module: Any) -> int:
+    """Parameters of ``module`` outside its embedding tables (``nn.Embedding`` modules: words, positions, types)."""
+    from torch import nn
+
+    embedding = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in embedding)
+
+
+def measure_matmul(n: int, dtype: str, threads: int, min_seconds: float = 1.0) -> float:
+    """FLOP/s of an ``n x n`` fp32/bf16 matmul on the CPU with ``threads`` torch threads (best of the repeats)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dt)
+    b = torch.randn(n, n, generator=gen).to(dt)
+    a @ b  # first call: kernel selection / packing
+    best, spent = float("inf"), 0.0
+    while spent < min_seconds:
+        t0 = time.perf_counter()
+        a @ b
+        dt_s = time.perf_counter() - t0
+        best, spent = min(best, dt_s), spent + dt_s
+    return matmul_flop_count(n) / best
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is 0."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub markdown table of ``rows`` (floats with 3 significant digits, None as '-')."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if v != v:
+                return "nan"
+            return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_line(threads: int) -> str:
+    """CPU model, cores, the SIMD flags that matter for bf16, load average, torch version, threads."""
+    import torch
+
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", "unknown CPU", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (f"{model}, {os.cpu_count()} cores, flags {' '.join(simd) or 'n/a'}, load average {load}, "
+            f"torch {torch.__version__}, {threads} torch thread(s) per process")
