@@ -12,7 +12,7 @@ passes (``final/distill_summary.json`` ``teacher_forward_passes``; texts embedde
 no-cache/cold and no-cache/warm.
 
     python benchmarks/bench_cache.py                                 # ~5 min on 2 cores
-    python benchmarks/bench_cache.py --nproc 2 --epochs2 2 --max-train 400 --json out.json
+    python benchmarks/bench_cache.py --nproc 2 --epochs1 2 --epochs2 2 --max-train 64 --json out.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ RUNS = ("no-cache", "cold", "warm")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--max-train", type=int, default=120, help="training rows of the demo data (default 120)")
+    p.add_argument("--max-train", type=int, default=24, help="training rows of the demo data (default 24)")
+    p.add_argument("--batch1", type=int, default=16, help="phase-1 batch size (default 16; cpu_demo.yaml has 32)")
+    p.add_argument("--batch2", type=int, default=8, help="phase-2 batch size (default 8; cpu_demo.yaml has 16)")
     p.add_argument("--epochs1", type=int, default=1, help="phase-1 epochs (default 1)")
     p.add_argument("--epochs2", type=int, default=1, help="phase-2 epochs (default 1)")
     p.add_argument("--nproc", type=int, default=1, help="processes (1: python train_ddp.py, >1: torchrun)")
@@ -45,8 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench_cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
-    if args.max_train < 1 or args.epochs1 < 1 or args.epochs2 < 1 or args.nproc < 1:
-        p.error("--max-train, --epochs1, --epochs2 and --nproc must be >= 1")
+    for name in ("max_train", "batch1", "batch2", "epochs1", "epochs2", "nproc"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.threads is None:
         args.threads = default_threads(args.nproc)
     return args
@@ -61,6 +66,7 @@ def default_threads(nproc: int, cores: int | None = None) -> int:
 def run_overrides(run: str, args: argparse.Namespace, work: Path) -> tuple[list[str], bool]:
     """``--set`` items and ``--overwrite`` of one of the three runs (separate output dirs; cold/warm share a cache)."""
     sets = [f"phase1.num_epochs={args.epochs1}", f"phase2.num_epochs={args.epochs2}",
+            f"phase1.batch_size={args.batch1}", f"phase2.batch_size={args.batch2}",
             f"training.num_threads={args.threads}", f"training.precision={args.precision}"]
     if run == "no-cache":
         sets += [f"paths.output_dir={work / 'no-cache'}", f"paths.cache_dir={work / 'no-cache' / 'cache'}",
@@ -110,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     num_negatives = load_config(config).phase2.num_negatives
     env = C.bench_env(args.threads)
     print(f"machine: {C.machine_line(args.threads)}")
-    print(f"workload: {config} (demo data --max-train {args.max_train}, epochs {args.epochs1}+{args.epochs2}, "
-          f"{args.precision}, {args.nproc} process(es))")
+    print(f"workload: {config} (demo data --max-train {args.max_train}; phase 1 {args.epochs1} epoch(s) of batch "
+          f"{args.batch1}, phase 2 {args.epochs2} epoch(s) of batch {args.batch2} x (2 + {num_negatives}) texts; "
+          f"{args.precision}; {args.nproc} process(es) x {args.threads} thread(s))")
     rows = []
     for run in RUNS:
         sets, overwrite = run_overrides(run, args, work)

@@ -176,13 +176,20 @@ def texts_per_sample(phase: int, num_negatives: int) -> int:
     return 1 if phase == 1 else 2 + num_negatives
 
 
+def padding_efficiency_from_counts(real_tokens: int, padded_tokens: int) -> float:
+    """real / padded tokens (1.0 when nothing was padded); padded counts every position of every padded batch."""
+    if real_tokens < 0 or padded_tokens < real_tokens:
+        raise ValueError(f"need 0 <= real <= padded tokens, got {real_tokens} and {padded_tokens}")
+    return real_tokens / padded_tokens if padded_tokens else 1.0
+
+
 def padding_efficiency(attention_masks: Iterable[Any]) -> float:
-    """sum(real tokens) / sum(padded tokens) over 2-d 0/1 attention masks [b, L] (1.0 for no tokens)."""
+    """sum(real tokens) / sum(padded tokens) over 2-d 0/1 attention masks [b, L] (torch or numpy)."""
     real = padded = 0
     for mask in attention_masks:
         real += int(mask.sum())
         padded += int(mask.numel() if hasattr(mask, "numel") else mask.size)
-    return real / padded if padded else 1.0
+    return padding_efficiency_from_counts(real, padded)
 
 
 def training_flops(non_embedding_params: int, real_tokens: int) -> float:
@@ -201,12 +208,16 @@ def matmul_flop_count(n: int) -> int:
     return 2 * n**3
 
 
-def non_embedding_params(module: Any) -> int:
-    """Parameters of ``module`` outside its embedding tables (``nn.Embedding`` modules: words, positions, types)."""
+def non_embedding_params(module: Any, exclude: Sequence[str] = ()) -> int:
+    """Parameters of ``module`` outside its embedding tables (``nn.Embedding``: words, positions, types) and outside
+    submodules whose name has a part in ``exclude`` (e.g. ``pooler``: run once per text, not per token)."""
     from torch import nn
 
-    embedding = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in module.parameters() if id(p) not in embedding)
+    skip = set()
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Embedding) or any(part in exclude for part in name.split(".")):
+            skip.update(id(p) for p in m.parameters())
+    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
 
 
 def measure_matmul(n: int, dtype: str, threads: int, min_seconds: float = 1.0) -> float:
@@ -219,12 +230,12 @@ def measure_matmul(n: int, dtype: str, threads: int, min_seconds: float = 1.0) -
     a = torch.randn(n, n, generator=gen).to(dt)
     b = torch.randn(n, n, generator=gen).to(dt)
     a @ b  # first call: kernel selection / packing
-    best, spent = float("inf"), 0.0
-    while spent < min_seconds:
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < 3 or spent < min_seconds:
         t0 = time.perf_counter()
         a @ b
         dt_s = time.perf_counter() - t0
-        best, spent = min(best, dt_s), spent + dt_s
+        best, spent, runs = min(best, dt_s), spent + dt_s, runs + 1
     return matmul_flop_count(n) / best
 
 

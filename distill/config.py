@@ -124,6 +124,8 @@ class Phase2Config(PhaseCommon):
     gradient_accumulation_steps: int = 8
     max_samples: int | None = 500000
     gather_across_ranks: bool = True  # every query sees every rank's documents as candidates
+    # projection mode: the InfoNCE candidates are embedded by the student, the teacher (drop-in), or both (mean)
+    infonce_documents: Literal["student", "teacher", "both"] = "both"
     cached_infonce: bool = False  # GradCache: large contrastive batch, activation memory of one mini-batch
     mini_batch_size: int = 32  # texts per forward chunk when cached_infonce is on
 

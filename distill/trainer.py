@@ -295,7 +295,7 @@ class Trainer:
             return MatryoshkaSimilarityLoss(dims, m.matryoshka_weights, cfg.phase1.mse_weight, cfg.phase1.cosine_weight)
         p2 = cfg.phase2
         return RetrievalDistillLoss(p2.temperature, p2.infonce_weight, p2.mse_weight, gather=gather and p2.gather_across_ranks,
-                                    dims=dims, dim_weights=m.matryoshka_weights)
+                                    dims=dims, dim_weights=m.matryoshka_weights, documents=p2.infonce_documents)
 
     def _freeze_unused_parameters(self, data, tables, sampler, phase, targets) -> None:
         """Parameters no loss ever reaches (e.g. the backbone's unused pooler) would make DDP wait forever for

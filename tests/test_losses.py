@@ -351,3 +351,25 @@ def test_retrieval_gradient_flows(dims: list[int] | None) -> None:
     loss.backward()
     for grad in (q.grad, docs.grad):
         assert grad is not None and torch.isfinite(grad).all() and (grad.abs().sum(dim=1) > 0).all()
+
+
+def test_retrieval_loss_documents_teacher_and_both():
+    """Projection mode can contrast student queries with teacher-embedded documents (the drop-in use)."""
+    torch.manual_seed(3)
+    b, g, d = 3, 3, 8
+    q, docs = torch.randn(b, d), torch.randn(b * g, d)
+    tq, tdocs = torch.randn(b, d), torch.randn(b * g, d)
+    ids = torch.arange(b * g)
+    nce = InfoNCELoss(0.05, gather=False)
+    mse = squared_l2(torch.cat([q, docs]), torch.cat([tq, tdocs]))
+    for documents, expected_nce in (
+        ("student", nce(q, docs, ids)),
+        ("teacher", nce(q, tdocs, ids)),
+        ("both", 0.5 * (nce(q, docs, ids) + nce(q, tdocs, ids))),
+    ):
+        loss_fn = RetrievalDistillLoss(0.05, 0.8, 0.2, gather=False, documents=documents)
+        loss, terms = loss_fn(q, docs, ids, tq, tdocs)
+        assert torch.allclose(terms["infonce"], expected_nce, atol=1e-6), documents
+        assert torch.allclose(loss, 0.8 * expected_nce + 0.2 * mse, atol=1e-5), documents
+    with pytest.raises(ValueError, match="documents must be"):
+        RetrievalDistillLoss(0.05, 0.8, 0.2, documents="index")

@@ -16,9 +16,11 @@ class RetrievalDistillLoss(nn.Module):
     Inputs: student ``q`` [b, d], ``docs`` [b*g, d] (positive then k negatives per query, see
     :class:`~distill.losses.InfoNCELoss`), ``doc_ids`` [b*g]; teacher ``tq`` [b, D_t], ``tdocs`` [b*g, D_t].
 
-    * **projection** (``dims=None``; d = D_t): InfoNCE on the projected embeddings, and the teacher term is the
+    * **projection** (``dims=None``; d = D_t): InfoNCE of the student queries against the candidate documents
+      embedded by the student (``documents="student"``), by the teacher (``"teacher"``: the drop-in use, student
+      queries searching an index built by the teacher), or the mean of both (``"both"``); the teacher term is the
       embedding MSE (:func:`~distill.losses.squared_l2`) over the b queries and b*g documents together:
-      ``MSE([q; docs], [tq; tdocs])``. It keeps student queries searchable against an index built by the teacher.
+      ``MSE([q; docs], [tq; tdocs])``.
     * **MRL** (``dims`` given): for each nested dim m, InfoNCE on the first m dims, and the teacher term is the MSE
       between the student's and the teacher's query-document cosine matrices over the local candidates
       ``(1/(b*b*g)) * ||cos(q_m, docs_m) - cos(tq, tdocs)||_F^2`` (a dimension-free ranking signal, as in MarginMSE);
@@ -26,8 +28,11 @@ class RetrievalDistillLoss(nn.Module):
     """
 
     def __init__(self, temperature: float, infonce_weight: float, mse_weight: float, gather: bool = True,
-                 dims: list[int] | None = None, dim_weights: list[float] | None = None):
+                 dims: list[int] | None = None, dim_weights: list[float] | None = None, documents: str = "student"):
         super().__init__()
+        if documents not in ("student", "teacher", "both"):
+            raise ValueError(f"documents must be student, teacher or both, got {documents!r}")
+        self.documents = documents
         self.infonce = InfoNCELoss(temperature, gather=gather)
         self.infonce_weight = infonce_weight
         self.mse_weight = mse_weight
@@ -37,7 +42,12 @@ class RetrievalDistillLoss(nn.Module):
     def forward(self, q: torch.Tensor, docs: torch.Tensor, doc_ids: torch.Tensor, tq: torch.Tensor,
                 tdocs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.dims is None:
-            nce = self.infonce(q, docs, doc_ids)
+            parts = []
+            if self.documents in ("student", "both"):
+                parts.append(self.infonce(q, docs, doc_ids))
+            if self.documents in ("teacher", "both"):
+                parts.append(self.infonce(q, tdocs, doc_ids))
+            nce = sum(parts) / len(parts)
             mse = squared_l2(torch.cat([q, docs]), torch.cat([tq, tdocs]))
         else:
             nce = q.new_zeros((), dtype=torch.float32)

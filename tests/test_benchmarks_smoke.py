@@ -1,0 +1,227 @@
+"""The benchmark scripts' pure parts: argument parsing, run plans, the FLOP and padding arithmetic, the token
+counter and the report tables. No timing is asserted and no model is downloaded (the token counter runs on the
+session's tiny student)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import bench_cache, bench_trainer
+from benchmarks import common as C
+
+# ---- arithmetic ----
+
+
+def test_flop_formulas() -> None:
+    assert C.training_flops(10_000_000, 1_000) == 6 * 10_000_000 * 1_000
+    assert C.achieved_flops_per_s(100, 50, 2.0) == pytest.approx(6 * 100 * 50 / 2.0)
+    assert math.isnan(C.achieved_flops_per_s(100, 50, 0.0))
+    assert C.matmul_flop_count(2048) == 2 * 2048**3 == 17_179_869_184
+
+
+def test_padding_efficiency_from_masks_and_counts() -> None:
+    masks = [torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]]), np.array([[1, 1], [1, 1]])]
+    assert C.padding_efficiency(masks) == pytest.approx((4 + 4) / (8 + 4))
+    assert C.padding_efficiency([]) == 1.0
+    assert C.padding_efficiency_from_counts(9, 10) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="real <= padded"):
+        C.padding_efficiency_from_counts(11, 10)
+
+
+def test_non_embedding_params_skips_embeddings_and_excluded_modules() -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = nn.Embedding(100, 8)  # 800, skipped
+            self.layer = nn.Linear(8, 8)  # 72
+            self.norm = nn.LayerNorm(8)  # 16
+            self.pooler = nn.Sequential(nn.Linear(8, 8))  # 72, skipped with exclude=("pooler",)
+
+    m = Tiny()
+    assert C.non_embedding_params(m) == 72 + 16 + 72
+    assert C.non_embedding_params(m, exclude=("pooler",)) == 72 + 16
+
+
+def test_texts_per_sample_ratio_and_teacher_passes() -> None:
+    assert C.texts_per_sample(1, 7) == 1
+    assert C.texts_per_sample(2, 7) == 9
+    assert C.ratio(3.0, 2.0) == 1.5
+    assert C.ratio(None, 2.0) is None and C.ratio(1.0, 0.0) is None
+    assert C.total_teacher_passes({"teacher_forward_passes": {"phase1": 40, "phase2": 2}}) == 42
+    assert C.total_teacher_passes({"teacher_forward_passes": 5}) == 5
+
+
+def test_metrics_records_and_loop_stats(tmp_path: Path) -> None:
+    lines = [
+        {"event": "train", "phase": "phase1", "step": 1, "samples_per_s": 10.0, "elapsed_s": 1.6,
+         "padding_efficiency": 0.9},
+        {"event": "eval", "phase": "phase1", "step": 2, "results": {}},
+        {"event": "train", "phase": "phase1", "step": 2, "samples_per_s": 16.0, "elapsed_s": 2.0,
+         "padding_efficiency": 0.95},
+        {"event": "train", "phase": "phase2", "step": 1, "samples_per_s": 2.0, "elapsed_s": 4.0,
+         "padding_efficiency": 0.8},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n", encoding="utf-8")
+    records = C.read_train_records(path)
+    assert [r["step"] for r in records] == [1, 2, 1]
+    s1 = C.loop_stats(records, "phase1")
+    assert (s1.steps, s1.samples, s1.elapsed_s, s1.padding_efficiency) == (2, 32, 2.0, 0.95)
+    assert s1.samples_per_s == pytest.approx(16.0)
+    assert C.loop_stats(records, "phase2").samples == 8
+    assert C.loop_stats(records, "phase3") is None
+
+
+def test_format_table() -> None:
+    text = C.format_table([{"a": "x", "b": 0.123456, "c": 12345.6, "d": None}, {"a": "y", "b": 7, "c": float("nan")}],
+                          ["a", "b", "c", "d"])
+    assert text.splitlines() == ["| a | b | c | d |", "|---|---|---|---|", "| x | 0.123 | 12,346 | - |",
+                                 "| y | 7 | nan | - |"]
+
+
+def test_measure_matmul_returns_flops() -> None:
+    flops = C.measure_matmul(32, "fp32", threads=torch.get_num_threads(), min_seconds=0.0)
+    assert flops > 0 and math.isfinite(flops)
+    with pytest.raises(KeyError):
+        C.measure_matmul(32, "fp8", threads=1, min_seconds=0.0)
+
+
+# ---- workload config and commands ----
+
+
+def test_write_config_is_a_valid_distill_config(tmp_path: Path) -> None:
+    from distill.config import load_config
+
+    path = C.write_config(tmp_path / "bench_x.yaml", data_dir=tmp_path / "data", teacher=tmp_path / "t",
+                          student=tmp_path / "all-MiniLM-L6-v2", output_dir=tmp_path / "out",
+                          cache_dir=tmp_path / "cache")
+    cfg = load_config(path, ["phase2.max_steps=3"])
+    assert cfg.model.teacher == str(tmp_path / "t")
+    assert cfg.data.phase1[0].path == str(tmp_path / "data" / "phase1.jsonl")
+    assert cfg.data.phase2[0].path == str(tmp_path / "data" / "phase2.jsonl")
+    assert cfg.eval.data is None and cfg.training.save_to_artifacts is False
+    assert (cfg.training.save_steps, cfg.training.logging_steps, cfg.phase2.max_steps) == (0, 1, 3)
+    assert cfg.cache_root == tmp_path / "cache"
+    assert C.experiment_name(path) == "distilled-minilm-768d-bench_x"
+
+
+def test_train_command() -> None:
+    one = C.train_command(Path("c.yaml"), ["a.b=1"], nproc=1, overwrite=True)
+    assert one[:2] == [sys.executable, str(C.REPO / "train_ddp.py")]
+    assert one[2:] == ["--config", "c.yaml", "--log-level", "WARNING", "--set", "a.b=1", "--overwrite"]
+    two = C.train_command(Path("c.yaml"), nproc=2)
+    assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
+    assert "--nproc_per_node=2" in two and "--overwrite" not in two
+
+
+# ---- bench_cache ----
+
+
+def test_bench_cache_args_and_runs(tmp_path: Path) -> None:
+    args = bench_cache.parse_args(["--nproc", "2", "--threads", "1", "--epochs2", "2"])
+    assert (args.max_train, args.epochs1, args.epochs2, args.nproc, args.threads) == (24, 1, 2, 2, 1)
+    with pytest.raises(SystemExit):
+        bench_cache.parse_args(["--nproc", "0"])
+    assert bench_cache.default_threads(1, cores=2) == 2
+    assert bench_cache.default_threads(2, cores=2) == 1
+    assert bench_cache.default_threads(4, cores=2) == 1
+
+    nocache, ow0 = bench_cache.run_overrides("no-cache", args, tmp_path)
+    cold, ow1 = bench_cache.run_overrides("cold", args, tmp_path)
+    warm, ow2 = bench_cache.run_overrides("warm", args, tmp_path)
+    assert "cache.enabled=false" in nocache and "cache.enabled=false" not in cold
+    assert (ow0, ow1, ow2) == (False, False, True)
+    assert cold == warm  # the warm run is the cold one again, cache kept
+    assert f"paths.cache_dir={tmp_path / 'cached' / 'cache'}" in cold
+    assert f"paths.cache_dir={tmp_path / 'no-cache' / 'cache'}" in nocache
+    assert "phase2.num_epochs=2" in cold and "training.num_threads=1" in cold
+
+
+def test_inloop_teacher_texts() -> None:
+    stats = {"phase1": C.LoopStats(steps=3, samples=48, elapsed_s=1.0, padding_efficiency=1.0),
+             "phase2": C.LoopStats(steps=3, samples=24, elapsed_s=1.0, padding_efficiency=1.0)}
+    assert bench_cache.inloop_teacher_texts(stats, 7) == 48 * 1 + 24 * 9
+    assert bench_cache.inloop_teacher_texts({"phase1": None, "phase2": stats["phase2"]}, 3) == 24 * 5
+
+
+# ---- bench_trainer ----
+
+
+def test_bench_trainer_args_and_sets(tmp_path: Path) -> None:
+    args = bench_trainer.parse_args(["--variants", "ours-fp32, st-bf16", "--threads", "1"])
+    assert args.variants == ["ours-fp32", "st-bf16"] and args.threads == 1
+    with pytest.raises(SystemExit):
+        bench_trainer.parse_args(["--variants", "ours-fp8"])
+    with pytest.raises(SystemExit):
+        bench_trainer.parse_args(["--steps2", "0"])
+    sets = bench_trainer.run_sets(args, tmp_path, "ours-bf16-cached")
+    assert "training.precision=bf16" in sets and "phase2.cached_infonce=true" in sets
+    assert f"phase1.max_steps={args.steps1}" in sets and f"phase2.batch_size={args.batch2}" in sets
+    assert f"paths.cache_dir={tmp_path / 'cache'}" in sets
+    plain = bench_trainer.run_sets(args, tmp_path, "st-fp32")
+    assert "training.precision=fp32" in plain and "phase2.cached_infonce=false" in plain
+
+
+def _rec(samples: int, loop_s: float, real: int, padded: int, rows: int, steps: int = 2) -> dict:
+    return {"samples": samples, "loop_s": loop_s, "real_tokens": real, "padded_tokens": padded, "rows": rows,
+            "steps": steps, "teacher_passes": 0}
+
+
+def test_phase_row_and_compare() -> None:
+    peaks = {"fp32": 100e9, "bf16": 400e9}
+    res = {"peak_rss_mb": 512.0}
+    row = bench_trainer.phase_row("ours-bf16", "ours", "bf16", "phase2", _rec(16, 4.0, 9_000, 10_000, 144),
+                                  1_000_000, peaks, 9, res)
+    assert row["samples_per_s"] == 4.0 and row["texts_per_s"] == 36.0
+    assert row["padding_eff"] == pytest.approx(0.9)
+    assert row["gflop_s"] == pytest.approx(6 * 1e6 * 9_000 / 4.0 / 1e9)
+    assert row["pct_peak"] == pytest.approx(100 * 6 * 1e6 * 9_000 / 4.0 / 400e9)  # against the bf16 peak
+    rows = [
+        bench_trainer.phase_row("ours-fp32", "ours", "fp32", "phase1", _rec(64, 2.0, 10, 10, 64), 1, peaks, 1, res),
+        bench_trainer.phase_row("ours-fp32", "ours", "fp32", "phase2", _rec(16, 8.0, 10, 10, 144), 1, peaks, 9, res),
+        bench_trainer.phase_row("st-fp32", "st", "fp32", "phase1", _rec(64, 4.0, 10, 20, 64), 1, peaks, 1, res),
+        bench_trainer.phase_row("st-fp32", "st", "fp32", "phase2", _rec(16, 8.0, 10, 20, 144), 1, peaks, 9, res),
+    ]
+    ratios = bench_trainer.compare(rows)["ratios"]
+    assert ratios["ours/st fp32 phase1"] == pytest.approx(2.0)
+    assert ratios["ours/st fp32 phase2"] == pytest.approx(1.0)
+    assert ratios["ours/st fp32 both"] == pytest.approx((80 / 10) / (80 / 12))  # total samples / total seconds
+    assert ratios["ours/st bf16 phase1"] is None and ratios["ours cached/plain InfoNCE phase2"] is None
+
+
+def test_token_counter_counts_training_forwards_only(tiny_student_dir: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_student_dir), device="cpu")
+    feats = model.preprocess(["a short text", "a somewhat longer text with more words in it"])
+    mask = feats["attention_mask"]
+    counter = bench_trainer.TokenCounter()
+    counter.install()
+    try:
+        model({k: v for k, v in feats.items()})  # no window open: not counted
+        counter.begin("phase1")
+        model.train()
+        model({k: v for k, v in feats.items()})  # counted
+        with torch.no_grad():
+            model({k: v for k, v in feats.items()})  # GradCache's first pass: not counted
+        model.eval()
+        model({k: v for k, v in feats.items()})  # eval mode (a teacher): not counted
+        counter.end(steps=1, samples=2)
+    finally:
+        counter.uninstall()
+    rec = counter.phases["phase1"]
+    assert rec["forwards"] == 1 and rec["rows"] == 2
+    assert rec["real_tokens"] == int(mask.sum()) and rec["padded_tokens"] == mask.numel()
+    assert rec["real_tokens"] < rec["padded_tokens"]
+    assert (rec["steps"], rec["samples"]) == (1, 2) and rec["loop_s"] >= 0
+    auto = model[0].auto_model
+    assert counter.non_embedding_params == C.non_embedding_params(auto, exclude=("pooler",))
+    assert 0 < counter.non_embedding_params < sum(p.numel() for p in auto.parameters())
