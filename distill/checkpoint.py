@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.atomic import fresh_tmp_dir, fsync_file, replace_dir
 from distill.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -49,30 +49,6 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temp file + fsync + rename."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies; tensors that share storage (tied weights) are stored once per name, cloned."""
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -92,12 +68,8 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Atomically write checkpoint ``root/name`` (rank 0 only) and prune old ones beyond ``keep_last``."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = fresh_tmp_dir(final)
     save_file(state_dict_for_save(model), str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -106,15 +78,9 @@ def save_checkpoint(
     torch.save(rng_states, tmp / "rng.pt")
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
         json.dump({"state": state.__dict__, "config": config}, f, indent=2)
-    for p in tmp.iterdir():
-        _fsync_file(p)
     (tmp / COMPLETE).write_text("ok\n")
-    _fsync_file(tmp / COMPLETE)
-    fsync_dir(tmp)
-    if final.exists():  # same step saved again (e.g. a phase end right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    fsync_file(tmp / COMPLETE)
+    replace_dir(tmp, final)  # the same step saved again (a phase end right after a periodic save) replaces it
     prune(root, keep_last)
     return final
 
@@ -131,7 +97,7 @@ def prune(root: Path, keep_last: int) -> None:
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for p in root.iterdir():  # leftovers of a save that was killed half-way
-        if p.name.startswith(".tmp-"):
+        if p.name.startswith((".tmp-", ".old-")):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from torch import nn
 
-from distill.checkpoint import fsync_dir
+from distill.atomic import fresh_tmp_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +34,17 @@ def build_export_model(student, head: nn.Sequential | None):
 def save_model_atomic(model, out_dir: Path, extra_files: dict[str, str] | None = None) -> Path:
     """``model.save`` into a temp sibling folder, then rename over ``out_dir`` (never a half-written model)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = fresh_tmp_dir(out_dir)
     model.save(str(tmp), safe_serialization=True)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")
-    fsync_dir(tmp)
-    old = out_dir.with_name(f".old-{out_dir.name}")
-    if out_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    fsync_dir(out_dir.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 def copy_tree_atomic(src: Path, dst: Path) -> Path:
     """Copy a finished folder (model + report) to ``dst`` through a temp sibling and a rename."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = fresh_tmp_dir(dst)
+    tmp.rmdir()
     shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
-    return dst
+    return replace_dir(tmp, dst)

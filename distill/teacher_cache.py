@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from distill.atomic import fsync_dir
 from distill.distributed import barrier, broadcast_object, get_info
 from distill.errors import CacheError, ConfigError, DataError
 
@@ -192,14 +193,6 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> tuple[str, int]:
     return writer.sha.hexdigest(), writer.size
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_shard(directory: Path, rank: int, keys: np.ndarray, emb: np.ndarray, dtype: str) -> str:
     """Write one shard (data files first, manifest last) and return its stem."""
     stem = f"shard-r{rank:05d}-{uuid.uuid4().hex}"
@@ -221,7 +214,7 @@ def _write_shard(directory: Path, rank: int, keys: np.ndarray, emb: np.ndarray, 
     }
     payload = json.dumps(manifest, indent=1).encode()
     _atomic_write(directory / f"{stem}.json", lambda w: w.write(payload))
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return stem
 
 

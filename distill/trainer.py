@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from distill import distributed as D
+from distill.atomic import write_json_atomic
+from distill.cache import build_teacher_targets, eval_teacher_embeddings
 from distill.checkpoint import (
     LoadedCheckpoint,
     TrainState,
@@ -34,13 +36,11 @@ from distill.checkpoint import (
     load_latest,
     restore_rng,
     save_checkpoint,
-    write_json_atomic,
 )
 from distill.config import Config, dump_config
 from distill.errors import CheckpointError, ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
-from distill.cache import build_teacher_targets, eval_teacher_embeddings
 from distill.models import DistillModel, build_projection_head, check_dims, load_student
 
 log = logging.getLogger(__name__)
