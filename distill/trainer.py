@@ -153,6 +153,11 @@ class Trainer:
         head = build_projection_head(m.student_dim, m.projection_hidden_dim, m.teacher_dim, self.cfg.training.seed) \
             if m.use_projection else None
         self.model = DistillModel(self.student, head).to(self.device)
+        if self.cfg.training.compile:
+            # Compile the backbone's forward method (sentence-transformers calls ``model.forward`` directly, so
+            # nn.Module.compile would be bypassed); parameter names, checkpoints and the export stay as they are.
+            backbone = _backbone(self.student)
+            backbone.forward = torch.compile(backbone.forward, dynamic=True)
         self.tokenizer = self.student.tokenizer
         self.max_model_len = _max_student_length(self.student)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -254,6 +259,8 @@ class Trainer:
                               scaler, state, total_steps, head_only)
         runner.loop()
         self.padding[name] = runner.padding_efficiency()
+        log.info("%s done: %d steps, padding efficiency (real / padded tokens) %.3f, %d non-finite steps skipped",
+                 name, state.step, self.padding[name], state.nonfinite_skipped)
         state.phase_done = True
         self._save_phase_weights(phase)  # first: a phase-done checkpoint implies the phase's weights exist
         self._save(state, optimizer, scheduler, scaler, name=f"phase{phase}-step{state.step:08d}")
@@ -694,10 +701,14 @@ def _adamw(model: DistillModel, lr: float, weight_decay: float, head_lr_multipli
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def _backbone(student) -> nn.Module:
+    """The transformers model inside the student's first (Transformer) module."""
+    return student[0].model
+
+
 def _max_student_length(student) -> int:
     tok_max = getattr(student.tokenizer, "model_max_length", 512) or 512
-    cfg = getattr(student[0], "auto_model", None)
-    pos = getattr(getattr(cfg, "config", None), "max_position_embeddings", None)
+    pos = getattr(getattr(_backbone(student), "config", None), "max_position_embeddings", None)
     limits = [x for x in (tok_max, pos and pos - 2) if x and x < 100_000]
     return min(limits) if limits else 512
 
