@@ -272,8 +272,46 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+GENERAL_PACKAGES = ("numpy", "matplotlib", "datasets", "huggingface_hub", "transformers", "torch", "tqdm", "yaml")
+_GENERAL_FILES_PER_PACKAGE = 400
+
+
+def general_pairs(n: int, seed: int, packages: Iterable[str] = GENERAL_PACKAGES) -> list[dict[str, str]]:
+    """``n`` extra phase-1 rows ``{query: summary, positive: body}`` from the docstrings of installed third-party
+    packages, parsed with ``ast`` like the stdlib ones (never imported).
+
+    General distillation needs breadth more than labels: more distinct texts let the student (and its projection
+    head) learn the teacher's space beyond the few thousand stdlib passages. None of these modules is in the
+    held-out split, which comes from the standard library only.
+    """
+    import importlib.util
+
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[dict[str, str]] = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)  # a top-level lookup: locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        files = sorted(p for p in root.rglob("*.py") if not any("test" in part for part in p.relative_to(root).parts))
+        for path in sorted(rng.sample(files, min(len(files), _GENERAL_FILES_PER_PACKAGE))):
+            try:
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+            except (SyntaxError, ValueError):
+                continue
+            module = ".".join((name, *path.relative_to(root).with_suffix("").parts))
+            for qualname, doc in _docstrings(tree, module):
+                split = split_docstring(doc)
+                if split and split[1] not in seen and split[0].casefold() not in split[1].casefold():
+                    seen.add(split[1])
+                    rows.append({"query": split[0], "positive": f"{qualname} {split[1]}"})
+    rng.shuffle(rows)
+    return rows[:n]
+
+
 def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int = 400,
-          stdlib_root: Path | None = None) -> dict:
+          stdlib_root: Path | None = None, general: int = 0) -> dict:
     """Write the data set to ``out`` (see the module docstring) and return the manifest."""
     started = time.perf_counter()
     out = Path(out)
@@ -306,6 +344,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
 
     files = {
         "phase1.jsonl": _jsonl(phase1),
+        **({"phase1_general.jsonl": _jsonl(general_pairs(general, seed))} if general else {}),
         "phase2.jsonl": _jsonl(phase2),
         "test/corpus.jsonl": _jsonl(corpus_rows),
         "test/queries.jsonl": _jsonl(query_rows),
@@ -324,6 +363,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
             "units": len(units),
             "train_side_passages": len(train_side),
             "train_examples": len(phase1),
+            "general_phase1_rows": general,
             "negatives_per_example": N_NEGATIVES,
             "test_queries": len(query_rows),
             "test_corpus": len(corpus_rows),
@@ -345,11 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train", type=int, default=None, help="cap on training rows (default: all)")
     parser.add_argument("--n-test", type=int, default=400, help="number of held-out test queries")
+    parser.add_argument("--general", type=int, default=0,
+                        help="extra phase-1 rows from installed packages' docstrings (phase1_general.jsonl)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
     try:
-        build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test)
+        build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
