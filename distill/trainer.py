@@ -177,8 +177,11 @@ class Trainer:
             if resume is not None and (p < resume.state.phase or (p == resume.state.phase and resume.state.phase_done)):
                 continue  # finished before the restart
             ckpt = resume if resume is not None and resume.state.phase == p else None
-            if p == 2 and ckpt is None and resume is None and 1 not in trained_here:
-                self._load_phase1_weights()
+            if p == 2 and ckpt is None and 1 not in trained_here:
+                if resume is None:
+                    self._load_phase1_weights()
+                else:  # the phase-1 end checkpoint already holds them
+                    log.info("phase 2 starts from the phase-1 weights in %s", resume.path)
             self.train_phase(p, ckpt)
             trained_here.add(p)
         return self.finish()
