@@ -34,7 +34,12 @@ class ModelConfig:
     student_dim: int = 768
     projection_hidden_dim: int = 1536
     use_projection: bool = True
-    head_lr_multiplier: float = 10.0  # the random-init projection head learns at lr x this (projection mode)
+    head_lr_multiplier: float = 10.0  # the projection head learns at lr x this (projection mode)
+    # How the projection head starts: "least_squares" = the ridge-regression affine map from the frozen student's
+    # embeddings to the teacher's over phase-1 texts (exact in the GELU MLP; needs hidden >= 2 * student_dim),
+    # "random" = PyTorch's default init.
+    head_init: Literal["least_squares", "random"] = "least_squares"
+    head_init_max_texts: int = 50000  # phase-1 texts (a seeded random subset) the least-squares start is fitted on
     model_name: str | None = None  # None: distilled-{student family}-{output dim}d
     teacher_revision: str | None = None
     student_revision: str | None = None
@@ -52,7 +57,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "teacher_dim", "student_dim", "projection_hidden_dim", "teacher_batch_size",
-                  "head_lr_multiplier")
+                  "head_lr_multiplier", "head_init_max_texts")
+        if self.use_projection and self.head_init == "least_squares" and self.projection_hidden_dim < 2 * self.student_dim:
+            raise ConfigError(f"model.head_init: least_squares needs projection_hidden_dim >= 2 * student_dim "
+                              f"({2 * self.student_dim}), got {self.projection_hidden_dim}; raise it or set "
+                              "model.head_init: random")
         if self.teacher_max_length is not None:
             _positive(self, "teacher_max_length")
         if not self.use_projection:

@@ -315,6 +315,50 @@ def build_projection_head(student_dim: int, hidden_dim: int, teacher_dim: int, s
     return head
 
 
+def ridge_map(xtx: torch.Tensor, xty: torch.Tensor, x_sum: torch.Tensor, y_sum: torch.Tensor, n: int,
+              ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The ridge-regression affine map ``y ~ x @ A + c`` from sufficient statistics (so ranks can sum them).
+
+    With ``x~ = [x, 1]``, ``G = sum x~ x~^T`` ([d+1, d+1], built from ``xtx = sum x x^T``, ``x_sum = sum x`` and ``n``)
+    and ``B = sum x~ y^T`` ([d+1, D], from ``xty = sum x y^T`` and ``y_sum``), solve
+    ``(G + lambda * diag(1, ..., 1, 0)) W = B`` in float64 with ``lambda = ridge * trace(xtx) / d`` (scale-free; the
+    bias is not penalised). Returns ``A = W[:d]`` [d, D] and ``c = W[d]`` [D].
+    """
+    d = xtx.shape[0]
+    g = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    g[:d, :d], g[:d, d], g[d, :d], g[d, d] = xtx.double(), x_sum.double(), x_sum.double(), float(n)
+    b = torch.cat([xty.double(), y_sum.double()[None]], dim=0)
+    penalty = torch.ones(d + 1, dtype=torch.float64)
+    penalty[d] = 0.0
+    lam = ridge * float(torch.trace(xtx.double())) / d
+    w = torch.linalg.solve(g + lam * torch.diag(penalty), b)
+    return w[:d].float(), w[d].float()
+
+
+@torch.no_grad()
+def set_head_to_affine_map(head: nn.Sequential, a: torch.Tensor, c: torch.Tensor) -> None:
+    r"""Make the GELU MLP head compute exactly ``x @ a + c`` ([d] -> [D]).
+
+    ``GELU(x) - GELU(-x) = x*Phi(x) + x*Phi(-x) = x``, so with hidden units ``h = GELU([x; -x])`` (first layer
+    ``[I; -I]``, no bias) the second layer ``[a^T, -a^T]`` with bias ``c`` gives ``a^T x + c`` for every x. This needs
+    ``hidden >= 2 d``; further hidden units keep their random first-layer weights and get zero output weights, so
+    they start silent but still receive gradients and can learn the non-linear part.
+    """
+    first, second = head[0].linear, head[1].linear
+    d, hidden = first.in_features, first.out_features
+    if hidden < 2 * d:
+        raise ValueError(f"an exact affine start needs projection_hidden_dim >= 2 * student_dim ({2 * d}), got {hidden}")
+    if tuple(a.shape) != (d, second.out_features):
+        raise ValueError(f"map shape {tuple(a.shape)} does not fit the head {d} -> {second.out_features}")
+    eye = torch.eye(d, dtype=first.weight.dtype, device=first.weight.device)
+    first.weight[:d], first.weight[d : 2 * d] = eye, -eye
+    first.bias[: 2 * d] = 0.0
+    second.weight.zero_()
+    at = a.t().to(second.weight)
+    second.weight[:, :d], second.weight[:, d : 2 * d] = at, -at
+    second.bias.copy_(c.to(second.bias))
+
+
 class DistillModel(nn.Module):
     """Student (+ optional projection head) as one module, so DDP wraps a single forward per step.
 

@@ -669,3 +669,11 @@ def test_every_schema_leaf_can_be_reached_by_fuzz() -> None:
     schema = {(s, f.name) for s in ("model", "phase1", "phase2", "training", "paths", "data", "cache", "eval")
               for f in dataclasses.fields(type(getattr(Config(), s)))}
     assert set(_leaves(base)) == schema
+
+
+def test_default_yaml_lists_every_key_of_every_section() -> None:
+    """configs/default.yaml documents every key the dataclasses define (new keys carry a NEW comment there)."""
+    raw = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    for section, values in load_config(None).to_dict().items():
+        missing = [k for k in values if k not in (raw.get(section) or {})]
+        assert not missing, f"configs/default.yaml lacks {section}.{missing}"
