@@ -26,6 +26,14 @@ KNOWN_PARAMS = {
     "sentence-transformers/all-mpnet-base-v2": 109_486_464,
     "sentence-transformers/all-MiniLM-L6-v2": 22_713_216,
 }
+# (hidden size, layers, attention heads) used when config.json cannot be read offline (from the models' configs).
+KNOWN_SHAPES = {
+    "infly/inf-retriever-v1-pro": (3584, 28, 28),
+    "infly/inf-retriever-v1": (3584, 28, 28),
+    "sentence-transformers/all-mpnet-base-v2": (768, 12, 12),
+    "sentence-transformers/all-MiniLM-L6-v2": (384, 6, 12),
+}
+GPU_MEMORY_GB = {"H100": 80, "A100": 80, "L4": 24, "A10G": 24}
 SPEC_STANDARD_HOURS = (4.0, 5.0)  # the spec's "Standard (4-5 hours on 8 GPUs)"
 ASSUMED_TOKENS = {"query": 16, "document": 96}  # MS MARCO-like mean lengths when the data cannot be read
 
@@ -127,6 +135,64 @@ def estimate_compute(cfg: Config, plans: list[PhasePlan], gpu: str = "H100", wor
             "gpu_hours": hours * world if hours else None}
 
 
+def _shape(name: str) -> tuple[int, int, int] | None:
+    """(hidden size, layers, heads) from the model's config.json, else the table above."""
+    from distill.models import _read_model_file
+
+    try:
+        cfg = _read_model_file(name, "config.json", None)
+    except DistillError:
+        cfg = None
+    if cfg and cfg.get("hidden_size") and cfg.get("num_hidden_layers"):
+        return cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("num_attention_heads") or 1
+    return KNOWN_SHAPES.get(name)
+
+
+def activation_bytes(shape: tuple[int, int, int], texts: int, length: int) -> float:
+    """Activations a transformer keeps for backward with 16-bit autocast and no recomputation (Korthikanti et al.,
+    2022): ``layers * s * b * h * (34 + 5 * a * s / h)`` bytes for b texts of s tokens, hidden h, a heads."""
+    h, layers, heads = shape
+    return layers * length * texts * h * (34 + 5 * heads * length / h)
+
+
+def estimate_memory(cfg: Config, gpu: str = "H100") -> dict[str, Any]:
+    """Peak memory per GPU (bytes) of each training phase and of the teacher-cache fill.
+
+    Training: 16 bytes per trained parameter (fp32 weights and gradients, AdamW's two moments) + the activations of
+    one forward at the phase's ``max_length`` (length-grouped batches pad the longest batch to it): ``batch_size``
+    texts in phase 1; in phase 2 ``batch_size * (2 + num_negatives)`` texts, or ``mini_batch_size`` with
+    ``cached_infonce`` (GradCache). Teacher fill: its weights in ``teacher_dtype`` (bf16 on GPU) plus one layer's
+    activations of a ``teacher_batch_size`` batch; the teacher is released before training starts.
+    """
+    m = cfg.model
+    ps, _ = _params(m.student)
+    head = m.student_dim * m.projection_hidden_dim + m.projection_hidden_dim * m.teacher_dim if m.use_projection else 0
+    shape = _shape(m.student)
+    out: dict[str, Any] = {"gpu": gpu, "gpu_memory_gb": GPU_MEMORY_GB.get(gpu)}
+    for phase, pcfg in ((1, cfg.phase1), (2, cfg.phase2)):
+        texts = pcfg.batch_size
+        if phase == 2:
+            texts = cfg.phase2.mini_batch_size if cfg.phase2.cached_infonce else pcfg.batch_size * (2 + cfg.phase2.num_negatives)
+        states = 16.0 * (ps + head) if ps else None
+        acts = activation_bytes(shape, texts, pcfg.max_length) if shape else None
+        out[f"phase{phase}"] = None if states is None or acts is None else states + acts
+        out[f"phase{phase}_texts_per_forward"] = texts
+    pt, _ = _params(m.teacher)
+    tshape = _shape(m.teacher)
+    length = m.teacher_max_length or max(cfg.phase1.max_length, cfg.phase2.max_length)
+    bytes_per = 4 if m.teacher_dtype == "float32" else 2
+    if pt and tshape:
+        h, _, heads = tshape
+        out["teacher"] = bytes_per * pt + bytes_per * m.teacher_batch_size * length * (8 * h + heads * length)
+    else:
+        out["teacher"] = None
+    return out
+
+
+def _gb(n: float | None) -> str:
+    return "?" if n is None else f"{n / 1e9:.1f} GB"
+
+
 def _fmt(n: float | int | None) -> str:
     return "?" if n is None else f"{n:,}" if isinstance(n, int) else f"{n:.3g}"
 
@@ -173,6 +239,18 @@ def print_plan(cfg: Config) -> dict[str, Any]:
         lines.append(f"  estimate   {est['hours']:.2f} h on {est['world']}x{est['gpu']} ({est['gpu_hours']:.1f} "
                      f"GPU-hours) at an assumed {est['utilisation']:.0%} of bf16 peak; the spec's standard run takes "
                      f"{lo:.0f}-{hi:.0f} h on 8 GPUs")
+    mem = estimate_memory(cfg, "H100")
+    lines.append(f"  memory     peak per GPU: phase 1 {_gb(mem['phase1'])} ({mem['phase1_texts_per_forward']} texts per "
+                 f"forward), phase 2 {_gb(mem['phase2'])} ({mem['phase2_texts_per_forward']} texts per forward"
+                 f"{', GradCache' if cfg.phase2.cached_infonce else ''}), teacher cache fill {_gb(mem['teacher'])}; "
+                 f"worst case at max_length, {mem['gpu']} has {mem['gpu_memory_gb']} GB")
+    over = [p for p in ("phase1", "phase2") if mem[p] and mem[p] > mem["gpu_memory_gb"] * 1e9]
+    if "phase2" in over and not cfg.phase2.cached_infonce:
+        lines.append("  hint       phase 2 may not fit: set phase2.cached_infonce: true (GradCache) to keep the "
+                     "contrastive batch with the memory of mini_batch_size texts")
+    elif over:
+        lines.append(f"  hint       {', '.join(over)} may not fit: lower batch_size (raise gradient_accumulation_steps) "
+                     "or max_length")
     lines += ["", "outputs",
               f"  run dir      {cfg.run_dir}  (config.yaml, metrics.jsonl, checkpoints/, phase1/, phase2/, final/)",
               f"  final model  {cfg.run_dir / 'final'}",
@@ -180,5 +258,5 @@ def print_plan(cfg: Config) -> dict[str, Any]:
               f"  cache        {cfg.cache_root} (teacher embeddings {'on' if cfg.cache.enabled else 'OFF'}, "
               f"{cfg.cache.dtype})"]
     print("\n".join(lines))
-    return {"experiment": cfg.experiment, "phases": [p.__dict__ for p in plans], "compute": est}
+    return {"experiment": cfg.experiment, "phases": [p.__dict__ for p in plans], "compute": est, "memory": mem}
 

@@ -1,4 +1,4 @@
-"""The CPU demo at reduced size, end to end with the real pretrained models (marked slow).
+"""The CPU demo (configs/cpu_demo.yaml), end to end with the real pretrained models (marked slow).
 
 Needs ./models from scripts/fetch_demo_models.py (scripts/test.sh and CI fetch them). The distilled student must load
 as a sentence-transformers model, output the teacher's dimension, and beat the untrained student on held-out queries.
@@ -31,8 +31,9 @@ def _env() -> dict[str, str]:
 
 def test_reduced_cpu_demo_beats_the_untrained_student(tmp_path):
     data = tmp_path / "demo_data"
-    built = subprocess.run([sys.executable, "-m", "distill.demo_data", "--out", str(data), "--max-train", "400",
-                            "--n-test", "120"], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    # The full held-out split (400 queries): on small subsets the untrained student can even beat the teacher.
+    built = subprocess.run([sys.executable, "-m", "distill.demo_data", "--out", str(data), "--general", "3000"],
+                           cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
 
     baseline_dir = tmp_path / "baseline"
@@ -43,10 +44,12 @@ def test_reduced_cpu_demo_beats_the_untrained_student(tmp_path):
     untrained = json.loads((baseline_dir / "eval.json").read_text())
     untrained_ndcg = next(r for r in untrained["rows"] if r["setting"] == "student->student")["metrics"]["ndcg@10"]
 
+    # configs/cpu_demo.yaml as the README's demo runs it, only with this test's paths. (Smaller runs, e.g. max_length
+    # 64 or 480 phase-2 examples, end at 0.659-0.661 against the untrained 0.662: the margin needs the whole recipe.)
     overrides = [
-        f"model.teacher={TEACHER}", f"model.student={STUDENT}", "model.teacher_max_length=64",
-        "phase1.max_length=64", "phase1.num_epochs=2", "phase2.max_length=64", "phase2.max_samples=160",
-        f"data.phase1=[{{path: {data / 'phase1.jsonl'}, query_columns: [query], document_columns: [positive]}}]",
+        f"model.teacher={TEACHER}", f"model.student={STUDENT}",
+        f"data.phase1=[{{path: {data / 'phase1.jsonl'}, query_columns: [query], document_columns: [positive]}}, "
+        f"{{path: {data / 'phase1_general.jsonl'}, query_columns: [query], document_columns: [positive]}}]",
         f"data.phase2=[{{path: {data / 'phase2.jsonl'}}}]", f"eval.data={data / 'test'}",
         f"paths.output_dir={tmp_path / 'out'}", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
     ]
