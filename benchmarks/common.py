@@ -64,6 +64,7 @@ def write_config(path: Path, *, data_dir: Path, teacher: Path, student: Path, ou
     raw = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
     raw["model"]["teacher"] = str(teacher)
     raw["model"]["student"] = str(student)
+    raw["data"]["phase1"] = raw["data"]["phase1"][:1]  # the docstring rows only (not the demo's extra package texts)
     raw["data"]["phase1"][0]["path"] = str(data_dir / "phase1.jsonl")
     raw["data"]["phase2"][0]["path"] = str(data_dir / "phase2.jsonl")
     raw["eval"]["data"] = None

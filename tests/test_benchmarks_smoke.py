@@ -105,7 +105,7 @@ def test_write_config_is_a_valid_distill_config(tmp_path: Path) -> None:
                           cache_dir=tmp_path / "cache")
     cfg = load_config(path, ["phase2.max_steps=3"])
     assert cfg.model.teacher == str(tmp_path / "t")
-    assert cfg.data.phase1[0].path == str(tmp_path / "data" / "phase1.jsonl")
+    assert [s.path for s in cfg.data.phase1] == [str(tmp_path / "data" / "phase1.jsonl")]  # nothing of ./demo_data
     assert cfg.data.phase2[0].path == str(tmp_path / "data" / "phase2.jsonl")
     assert cfg.eval.data is None and cfg.training.save_to_artifacts is False
     assert (cfg.training.save_steps, cfg.training.logging_steps, cfg.phase2.max_steps) == (0, 1, 3)
