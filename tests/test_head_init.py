@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_e2e import train_records, train_single
+from tiny_data import tiny_config_yaml, write_training_files
 
 from distill.config import ConfigError, load_config
 from distill.models import build_projection_head, ridge_map, set_head_to_affine_map
-from test_train_e2e import train_records, train_single
-from tiny_data import tiny_config_yaml, write_training_files
 
 
 def _stats(x: torch.Tensor, y: torch.Tensor):

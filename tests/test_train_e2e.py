@@ -145,7 +145,7 @@ def test_skip_phase1_without_phase1_result_names_the_path(tmp_path, tiny_teacher
 
 def test_dim_mismatch_is_reported(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):
     cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
-    res = train_single(cfg, "--set", "model.student_dim=64")
+    res = train_single(cfg, "--set", "model.student_dim=64", "--set", "model.projection_hidden_dim=128")
     assert res.returncode == 2
     assert "model.student_dim is 64 but" in res.stderr and "outputs 32-d embeddings" in res.stderr
     res = train_single(cfg, "--set", "model.teacher_dim=50")
