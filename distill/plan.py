@@ -53,14 +53,19 @@ class PhasePlan:
     mean_tokens: float
 
 
-def _params(name: str) -> tuple[int | None, str]:
-    """(parameter count, how it was obtained) from the model's config.json, else the table above."""
+def _model_config(name: str) -> dict | None:
+    """The model's config.json (local folder or Hub cache), or None when it cannot be read here."""
     from distill.models import _read_model_file
 
     try:
-        cfg = _read_model_file(name, "config.json", None)
+        return _read_model_file(name, "config.json", None)
     except DistillError:
-        cfg = None
+        return None
+
+
+def _params(name: str) -> tuple[int | None, str]:
+    """(parameter count, how it was obtained) from the model's config.json, else the table above."""
+    cfg = _model_config(name)
     if cfg:
         h, layers = cfg.get("hidden_size"), cfg.get("num_hidden_layers")
         inter, vocab = cfg.get("intermediate_size", 4 * (h or 0)), cfg.get("vocab_size", 0)
@@ -137,12 +142,7 @@ def estimate_compute(cfg: Config, plans: list[PhasePlan], gpu: str = "H100", wor
 
 def _shape(name: str) -> tuple[int, int, int] | None:
     """(hidden size, layers, heads) from the model's config.json, else the table above."""
-    from distill.models import _read_model_file
-
-    try:
-        cfg = _read_model_file(name, "config.json", None)
-    except DistillError:
-        cfg = None
+    cfg = _model_config(name)
     if cfg and cfg.get("hidden_size") and cfg.get("num_hidden_layers"):
         return cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("num_attention_heads") or 1
     return KNOWN_SHAPES.get(name)
@@ -168,12 +168,12 @@ def estimate_memory(cfg: Config, gpu: str = "H100") -> dict[str, Any]:
     ps, _ = _params(m.student)
     head = m.student_dim * m.projection_hidden_dim + m.projection_hidden_dim * m.teacher_dim if m.use_projection else 0
     shape = _shape(m.student)
+    states = 16.0 * (ps + head) if ps else None
     out: dict[str, Any] = {"gpu": gpu, "gpu_memory_gb": GPU_MEMORY_GB.get(gpu)}
     for phase, pcfg in ((1, cfg.phase1), (2, cfg.phase2)):
         texts = pcfg.batch_size
         if phase == 2:
             texts = cfg.phase2.mini_batch_size if cfg.phase2.cached_infonce else pcfg.batch_size * (2 + cfg.phase2.num_negatives)
-        states = 16.0 * (ps + head) if ps else None
         acts = activation_bytes(shape, texts, pcfg.max_length) if shape else None
         out[f"phase{phase}"] = None if states is None or acts is None else states + acts
         out[f"phase{phase}_texts_per_forward"] = texts
