@@ -373,8 +373,12 @@ class DistillModel(nn.Module):
         self.student = student
         self.head = head
 
+    def student_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The student's own sentence embedding [b, student_dim], before any head."""
+        return self.student(dict(features))["sentence_embedding"]
+
     def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.student(dict(features))["sentence_embedding"]
+        out = self.student_embedding(features)
         if self.head is not None:
             out = self.head({"sentence_embedding": out})["sentence_embedding"]
         return out

@@ -286,6 +286,11 @@ class Trainer:
             self.data[2] = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples,
                                                 cfg.training.seed, work)
 
+    @property
+    def pad_id(self) -> int:
+        """The student tokenizer's padding id (0 when it defines none; the attention mask hides it anyway)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
     def _prepare_data(self, phase: int, max_len: int):
         """The phase's data with its texts tokenized once by the student's tokenizer, and each example's length."""
         from distill import data as data_mod
@@ -319,7 +324,7 @@ class Trainer:
         d, dt = m.student_dim, targets.dim
         xtx, xty = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dt, dtype=torch.float64)
         x_sum, y_sum = torch.zeros(d, dtype=torch.float64), torch.zeros(dt, dtype=torch.float64)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.pad_id
         precision = self.cfg.training.precision
         was_training = self.model.training
         self.model.eval()
@@ -332,7 +337,7 @@ class Trainer:
                 part = rows[start : start + chunk]
                 enc = pad_chunks(tables[role].input_ids(part), pad, len(part), self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    x = self.model.student(dict(enc.chunks[0]))["sentence_embedding"][enc.restore]
+                    x = self.model.student_embedding(enc.chunks[0])[enc.restore]
                 x = x.double().cpu()
                 y = lookup(part).double().cpu()
                 xtx += x.T @ x
@@ -390,7 +395,7 @@ class Trainer:
     def _batch_loss(self, phase, data, tables, targets, loss_fn, model, batch) -> tuple[torch.Tensor, dict, int, int]:
         """Loss of one micro-batch of example indices; returns (loss, terms, real tokens, padded tokens)."""
         ex = data.examples[np.asarray(batch)]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.pad_id
         precision = self.cfg.training.precision
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
                              enabled=precision != "fp32")
@@ -427,7 +432,7 @@ class Trainer:
         from distill.gradcache import cached_backward
 
         ex = data.examples[np.asarray(batch)]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self.pad_id
         inp = self._phase2_inputs(ex, tables, targets, pad, self.cfg.phase2.mini_batch_size)
         precision = self.cfg.training.precision
         amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
