@@ -16,8 +16,10 @@ padded tokens of every training forward (grad enabled, train mode), identically 
 window is the training loop only (ours: ``_PhaseRunner.loop``; ST: ``on_train_begin`` .. ``on_train_end``).
 
 Reported per configuration and phase: samples/s, texts/s, padding efficiency = real / padded tokens, teacher
-forward passes, peak RSS, and achieved FLOP/s = 6 x N x T / s (N = student non-embedding parameters, T = real
-tokens) against the fp32 / bf16 ``2048 x 2048`` matmul FLOP/s measured in the same run with the same threads.
+forward passes, peak RSS, and achieved FLOP/s = (6 N T + 12 layers hidden sum len^2) / s (N = student
+non-embedding parameters, T = real tokens, len = each text's real length: attention's term) against two rates
+measured in the same run with the same threads after the trainings: the fp32 / bf16 ``2048 x 2048`` matmul, and the
+student's own linear-layer matmuls (forward, input and weight gradients) at the token rows per forward of the row.
 
     python benchmarks/bench_trainer.py                       # ~5 min on 2 cores
     python benchmarks/bench_trainer.py --threads 2 --steps1 12 --steps2 12 --max-train 400 --json out.json
@@ -115,6 +117,7 @@ class TokenCounter:
         self.t0 = 0.0
         self.phases: dict[str, dict[str, Any]] = {}
         self.non_embedding_params: int | None = None
+        self.shape: dict[str, int] | None = None  # layers, hidden, intermediate of the student's encoder
         self._handle = None
 
     def install(self) -> None:
@@ -128,12 +131,17 @@ class TokenCounter:
                 return
             mask = args[0]["attention_mask"]
             rec = self.phases[self.phase]
-            rec["real_tokens"] += int(mask.sum())
+            lengths = mask.sum(dim=1)
+            rec["real_tokens"] += int(lengths.sum())
+            rec["sq_tokens"] += int((lengths * lengths).sum())  # attention's FLOPs grow with each length^2
             rec["padded_tokens"] += int(mask.numel())
             rec["rows"] += int(mask.shape[0])
             rec["forwards"] += 1
             if self.non_embedding_params is None:
                 self.non_embedding_params = C.non_embedding_params(module.auto_model, exclude=("pooler",))
+                cfg = module.auto_model.config
+                self.shape = {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+                              "intermediate": cfg.intermediate_size}
 
         self._handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
 
@@ -143,7 +151,7 @@ class TokenCounter:
             self._handle = None
 
     def begin(self, phase: str) -> None:
-        self.phases[phase] = {"real_tokens": 0, "padded_tokens": 0, "rows": 0, "forwards": 0}
+        self.phases[phase] = {"real_tokens": 0, "sq_tokens": 0, "padded_tokens": 0, "rows": 0, "forwards": 0}
         self.phase, self.t0 = phase, time.perf_counter()
 
     def end(self, steps: int, samples: int) -> None:
@@ -191,7 +199,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
         rec["padding_reported"] = summary.get("padding_efficiency", {}).get(phase)
         logged = C.loop_stats(records, phase)
         rec["metrics_elapsed_s"] = logged.elapsed_s if logged else None
-    return {"phases": counter.phases, "non_embedding_params": counter.non_embedding_params,
+    return {"phases": counter.phases, "non_embedding_params": counter.non_embedding_params, "shape": counter.shape,
             "peak_rss_mb": C.peak_rss_mb(), "cuda_peak_mb": cuda_peak_mb()}
 
 
@@ -286,12 +294,25 @@ def worker_st(spec: dict[str, Any]) -> dict[str, Any]:
     phases["phase1"]["label_texts"] = len(phase1)  # teacher embeddings the label column needs (precomputed)
     phases["phase2"]["teacher_passes"] = 0
     phases["phase2"]["label_texts"] = 0
-    return {"phases": phases, "non_embedding_params": counter.non_embedding_params, "peak_rss_mb": C.peak_rss_mb(),
-            "cuda_peak_mb": cuda_peak_mb(), "label_cache_passes": label_passes}
+    return {"phases": phases, "non_embedding_params": counter.non_embedding_params, "shape": counter.shape,
+            "peak_rss_mb": C.peak_rss_mb(), "cuda_peak_mb": cuda_peak_mb(), "label_cache_passes": label_passes}
 
 
 def worker_matmul(spec: dict[str, Any]) -> dict[str, Any]:
-    return {dt: C.measure_matmul(spec["n"], dt, spec["threads"]) for dt in ("fp32", "bf16")}
+    """The square matmul peak per dtype, and the GEMM rate at the student's own shapes for each requested
+    ``(dtype, token rows per forward)`` (keyed ``"bf16:1150"``)."""
+    out: dict[str, Any] = {dt: C.measure_matmul(spec["n"], dt, spec["threads"]) for dt in ("fp32", "bf16")}
+    shape = spec.get("shape")
+    for dt, tokens in spec.get("gemm_tokens", []):
+        gemms = C.encoder_gemms(tokens, shape["hidden"], shape["intermediate"])
+        out[f"{dt}:{tokens}"] = C.measure_gemms(gemms, dt, spec["threads"])
+    return out
+
+
+def tokens_per_forward(rec: dict[str, Any]) -> int | None:
+    """Mean padded token rows of one student forward in a phase (the m of its linear layers' matmuls), or None
+    when no forward was counted."""
+    return round(rec["padded_tokens"] / rec["forwards"]) if rec.get("forwards") else None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -319,10 +340,14 @@ def run_worker(kind: str, spec: dict[str, Any], work: Path, name: str, threads: 
 
 def phase_row(name: str, system: str, precision: str, phase: str, rec: dict[str, Any], params: int,
               peaks: dict[str, float], texts_per_sample: int, result: dict[str, Any]) -> dict[str, Any]:
-    """One table row: throughput, padding, FLOP/s against the matmul peak of the same dtype."""
+    """One table row: throughput, padding, FLOP/s against the square matmul peak of the same dtype and against the
+    GEMM rate at the student's own shapes (``peaks["<dtype>:<tokens per forward>"]``, when measured)."""
     secs = rec["loop_s"]
-    flops = C.achieved_flops_per_s(params, rec["real_tokens"], secs)
+    shape = result.get("shape") or {}
+    flops = C.achieved_flops_per_s(params, rec["real_tokens"], secs, layers=shape.get("layers", 0),
+                                   hidden=shape.get("hidden", 0), sum_sq_len=rec.get("sq_tokens", 0))
     peak_dtype = "bf16" if precision == "bf16" else "fp32"
+    shape_peak = peaks.get(f"{peak_dtype}:{tokens_per_forward(rec)}")
     return {
         "config": name, "system": system, "precision": precision, "phase": phase, "steps": rec["steps"],
         "loop_s": secs, "samples_per_s": rec["samples"] / secs, "texts_per_s": rec["rows"] / secs,
@@ -330,6 +355,8 @@ def phase_row(name: str, system: str, precision: str, phase: str, rec: dict[str,
         "real_tokens_per_s": rec["real_tokens"] / secs,
         "padding_eff": C.padding_efficiency_from_counts(rec["real_tokens"], rec["padded_tokens"]),
         "gflop_s": flops / 1e9, "pct_peak": 100.0 * flops / peaks[peak_dtype],
+        "tokens_per_forward": tokens_per_forward(rec),
+        "pct_shape_peak": 100.0 * flops / shape_peak if shape_peak else None,
         "teacher_passes": rec.get("teacher_passes", 0), "label_texts": rec.get("label_texts"),
         "peak_rss_mb": result["peak_rss_mb"], "cuda_peak_mb": result.get("cuda_peak_mb"),
     }
@@ -368,20 +395,34 @@ def main(argv: list[str] | None = None) -> int:
                       if "teacher forward passes" in line)
     print(f"[cache warm-up] {time.perf_counter() - t0:.1f} s, {warm_passes} teacher forward passes", flush=True)
 
-    peaks = run_worker("matmul", {"n": args.matmul_n, "threads": args.threads}, work, "matmul", args.threads)
-    print(f"matmul {args.matmul_n}x{args.matmul_n}, {args.threads} thread(s): fp32 {peaks['fp32'] / 1e9:.1f} "
-          f"GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
-
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}
     for r in range(args.repeats):  # interleaved, so a burst of load from elsewhere hits every configuration alike
         for name in args.variants:
             spec = {"config": str(config), "sets": run_sets(args, work, name), "threads": args.threads}
             runs[name].append(run_worker(VARIANTS[name][0], spec, work, f"{name}-r{r}", args.threads))
-    rows, results = [], {}
+    results = {}
     for name in args.variants:
-        system, precision, _ = VARIANTS[name]
         res = results[name] = fastest(runs[name])
         res["all_loop_s"] = [total_loop_s(x) for x in runs[name]]
+
+    # The matmul rates, after the runs: the student's GEMMs are measured at the token rows per forward they had.
+    shape = next((r["shape"] for r in results.values() if r.get("shape")), None)
+    gemm_tokens = sorted({("bf16" if VARIANTS[name][1] == "bf16" else "fp32", tokens_per_forward(rec))
+                          for name, res in results.items() for rec in res["phases"].values()
+                          if tokens_per_forward(rec)})
+    peaks = run_worker("matmul", {"n": args.matmul_n, "threads": args.threads, "shape": shape,
+                                  "gemm_tokens": gemm_tokens if shape else []}, work, "matmul", args.threads)
+    peaks.pop("wall_s", None)
+    print(f"matmul {args.matmul_n}x{args.matmul_n}, {args.threads} thread(s): fp32 {peaks['fp32'] / 1e9:.1f} "
+          f"GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    for key in sorted(k for k in peaks if ":" in k):
+        print(f"student GEMMs ({shape['hidden']} / {shape['intermediate']}) at {key.split(':')[1]} token rows, "
+              f"{key.split(':')[0]}: {peaks[key] / 1e9:.1f} GFLOP/s", flush=True)
+
+    rows = []
+    for name in args.variants:
+        system, precision, _ = VARIANTS[name]
+        res = results[name]
         for phase in ("phase1", "phase2"):
             rec = res["phases"].get(phase)
             if rec:
@@ -391,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 
     params = next((r["non_embedding_params"] for r in results.values() if r.get("non_embedding_params")), None)
     columns = ["config", "phase", "steps", "loop_s", "samples_per_s", "texts_per_s", "real_tokens_per_s",
-               "padding_eff", "gflop_s", "pct_peak", "teacher_passes", "peak_rss_mb"]
+               "padding_eff", "gflop_s", "pct_peak", "tokens_per_forward", "pct_shape_peak", "teacher_passes",
+               "peak_rss_mb"]
     print()
     print(C.format_table(rows, columns))
     if args.repeats > 1:
@@ -402,9 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in comparisons["lines"]:
         print(line)
-    print(f"\nFLOP/s = 6 x {params:,} (student non-embedding parameters) x real tokens / loop seconds; peak = "
-          f"{args.matmul_n}^3 x 2 / matmul seconds (fp32 {peaks['fp32'] / 1e9:.1f}, bf16 {peaks['bf16'] / 1e9:.1f} "
-          f"GFLOP/s, {args.threads} thread(s)).")
+    layers = shape["layers"] if shape else 0
+    hidden = shape["hidden"] if shape else 0
+    print(f"\nFLOP/s = (6 x {params:,} (student non-embedding parameters) x real tokens + 12 x {layers} layers x "
+          f"{hidden} hidden x sum of squared text lengths) / loop seconds; pct_peak: of the {args.matmul_n}^3 x 2 "
+          f"square matmul (fp32 {peaks['fp32'] / 1e9:.1f}, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s, {args.threads} "
+          "thread(s)); pct_shape_peak: of the student's own linear-layer matmuls (forward, input and weight "
+          "gradients) at the token rows per forward of that row, timed alone.")
     print(f"teacher: {warm_passes} texts embedded once into the cache before timing (ours reads them: "
           "teacher_passes 0 per run); ST's phase-1 label column holds the same precomputed targets, "
           "its phase 2 (MNRL) needs none.")

@@ -22,6 +22,10 @@ from benchmarks import common as C
 
 def test_flop_formulas() -> None:
     assert C.training_flops(10_000_000, 1_000) == 6 * 10_000_000 * 1_000
+    # Attention: 12 * layers * hidden * sum of squared lengths (texts of 3 and 4 tokens: 9 + 16).
+    assert C.training_flops(100, 7, layers=2, hidden=8, sum_sq_len=25) == 6 * 100 * 7 + 12 * 2 * 8 * 25
+    assert C.achieved_flops_per_s(100, 7, 2.0, layers=2, hidden=8, sum_sq_len=25) == pytest.approx(
+        (6 * 100 * 7 + 12 * 2 * 8 * 25) / 2.0)
     assert C.achieved_flops_per_s(100, 50, 2.0) == pytest.approx(6 * 100 * 50 / 2.0)
     assert math.isnan(C.achieved_flops_per_s(100, 50, 0.0))
     assert C.matmul_flop_count(2048) == 2 * 2048**3 == 17_179_869_184
@@ -85,6 +89,20 @@ def test_format_table() -> None:
                           ["a", "b", "c", "d"])
     assert text.splitlines() == ["| a | b | c | d |", "|---|---|---|---|", "| x | 0.123 | 12,346 | - |",
                                  "| y | 7 | nan | - |"]
+
+
+def test_encoder_gemms_cover_every_linear_layer_forward_and_backward() -> None:
+    gemms = C.encoder_gemms(tokens=10, hidden=4, intermediate=16)
+    assert len(gemms) == 6 * 3
+    # Their FLOPs are 3x the forward's, and the forward's are 2 * tokens * (the layer's linear weights).
+    weights = 4 * 4 * 4 + 4 * 16 + 16 * 4
+    assert sum(2 * m * k * n for m, k, n in gemms) == 3 * 2 * 10 * weights
+    assert (10, 4, 16) in gemms and (10, 16, 4) in gemms and (4, 10, 16) in gemms  # Y = XW, dX = dY W^T, dW = X^T dY
+
+
+def test_measure_gemms_returns_flops() -> None:
+    flops = C.measure_gemms(C.encoder_gemms(8, 4, 16), "bf16", threads=torch.get_num_threads(), min_seconds=0.0)
+    assert flops > 0 and math.isfinite(flops)
 
 
 def test_measure_matmul_returns_flops() -> None:
@@ -184,6 +202,16 @@ def test_phase_row_and_compare() -> None:
     assert row["padding_eff"] == pytest.approx(0.9)
     assert row["gflop_s"] == pytest.approx(6 * 1e6 * 9_000 / 4.0 / 1e9)
     assert row["pct_peak"] == pytest.approx(100 * 6 * 1e6 * 9_000 / 4.0 / 400e9)  # against the bf16 peak
+    assert row["pct_shape_peak"] is None  # no GEMM rate measured at its shapes
+    # With the encoder's shape: attention's term counts, and the GEMM rate at 10,000 / 5 = 2,000 token rows is used.
+    rec = {**_rec(16, 4.0, 9_000, 10_000, 144), "forwards": 5, "sq_tokens": 700_000}
+    shaped = bench_trainer.phase_row("ours-bf16", "ours", "bf16", "phase2", rec, 1_000_000,
+                                     {**peaks, "bf16:2000": 100e9, "fp32:2000": 1.0}, 9,
+                                     {**res, "shape": {"layers": 6, "hidden": 384, "intermediate": 1536}})
+    flops = (6 * 1e6 * 9_000 + 12 * 6 * 384 * 700_000) / 4.0
+    assert shaped["tokens_per_forward"] == 2_000
+    assert shaped["gflop_s"] == pytest.approx(flops / 1e9)
+    assert shaped["pct_shape_peak"] == pytest.approx(100 * flops / 100e9)
     rows = [
         bench_trainer.phase_row("ours-fp32", "ours", "fp32", "phase1", _rec(64, 2.0, 10, 10, 64), 1, peaks, 1, res),
         bench_trainer.phase_row("ours-fp32", "ours", "fp32", "phase2", _rec(16, 8.0, 10, 10, 144), 1, peaks, 9, res),
@@ -220,8 +248,11 @@ def test_token_counter_counts_training_forwards_only(tiny_student_dir: Path) -> 
     rec = counter.phases["phase1"]
     assert rec["forwards"] == 1 and rec["rows"] == 2
     assert rec["real_tokens"] == int(mask.sum()) and rec["padded_tokens"] == mask.numel()
+    assert rec["sq_tokens"] == sum(int(n) ** 2 for n in mask.sum(dim=1))
     assert rec["real_tokens"] < rec["padded_tokens"]
     assert (rec["steps"], rec["samples"]) == (1, 2) and rec["loop_s"] >= 0
     auto = model[0].auto_model
     assert counter.non_embedding_params == C.non_embedding_params(auto, exclude=("pooler",))
     assert 0 < counter.non_embedding_params < sum(p.numel() for p in auto.parameters())
+    assert counter.shape == {"layers": auto.config.num_hidden_layers, "hidden": auto.config.hidden_size,
+                             "intermediate": auto.config.intermediate_size}
