@@ -28,6 +28,7 @@ student's own linear-layer matmuls (forward, input and weight gradients) at the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every configuration this many times, interleaved, and keep the fastest (default 1)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run each of our configurations once more under torch.profiler and print where its "
+                        "loop time goes (matmul, dropout RNG, casts, optimizer, other ops); not used for the table")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul of the peak (default 2048)")
     p.add_argument("--models-dir", type=Path, default=C.DEFAULT_MODELS)
     p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench_trainer")
@@ -176,12 +180,20 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     original_loop = T._PhaseRunner.loop
 
     def timed_loop(runner) -> None:
+        prof = None
+        if spec.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU])
         counter.begin(runner.name)
         samples0 = runner.state.samples_seen
         try:
-            original_loop(runner)
+            with prof if prof is not None else contextlib.nullcontext():
+                original_loop(runner)
         finally:
             counter.end(runner.state.step, runner.state.samples_seen - samples0)
+        if prof is not None:
+            counter.phases[runner.name]["profile_ms"] = C.profile_breakdown(prof.key_averages())
 
     T._PhaseRunner.loop = timed_loop
     argv = ["--config", spec["config"], "--overwrite", "--log-level", "WARNING"]
@@ -419,6 +431,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"student GEMMs ({shape['hidden']} / {shape['intermediate']}) at {key.split(':')[1]} token rows, "
               f"{key.split(':')[0]}: {peaks[key] / 1e9:.1f} GFLOP/s", flush=True)
 
+    profiles = {}
+    if args.profile:
+        for name in args.variants:
+            if VARIANTS[name][0] == "ours":
+                spec = {"config": str(config), "sets": run_sets(args, work, name), "threads": args.threads,
+                        "profile": True}
+                profiles[name] = run_worker("ours", spec, work, f"{name}-profile", args.threads)["phases"]
+
     rows = []
     for name in args.variants:
         system, precision, _ = VARIANTS[name]
@@ -440,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for name, res in results.items():
             print(f"{name:18s} loop seconds per repeat: {', '.join(f'{x:.1f}' for x in res['all_loop_s'])} (fastest kept)")
+    if profiles:
+        print("\nwhere the loop time goes (separate runs under torch.profiler; % of their loop seconds):\n")
+        print(C.format_table(profile_rows(profiles), PROFILE_COLUMNS))
     comparisons = compare(rows)
     print()
     for line in comparisons["lines"]:
@@ -458,9 +481,29 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "machine": C.machine_line(args.threads), "matmul_flop_s": peaks,
                                          "non_embedding_params": params, "cache_warmup_passes": warm_passes,
-                                         "rows": rows, "ratios": comparisons["ratios"], "results": results},
+                                         "rows": rows, "ratios": comparisons["ratios"], "results": results,
+                                         "profiles": profiles},
                                         indent=2), encoding="utf-8")
     return 0
+
+
+PROFILE_COLUMNS = ["config", "phase", "loop_s", "matmul", "dropout RNG", "dtype casts", "optimizer", "collectives",
+                   "other ops", "framework", "outside ops"]
+
+
+def profile_rows(profiles: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per profiled configuration and phase: each ``op_category``'s share of the loop time, in %, and
+    ``outside ops``: the rest (Python between ops, data, waiting)."""
+    rows = []
+    for name, phases in profiles.items():
+        for phase, rec in phases.items():
+            ms, total = rec.get("profile_ms", {}), rec["loop_s"] * 1000.0
+            row: dict[str, Any] = {"config": name, "phase": phase, "loop_s": rec["loop_s"]}
+            for col in PROFILE_COLUMNS[3:-1]:
+                row[col] = 100.0 * ms.get(col, 0.0) / total
+            row["outside ops"] = max(0.0, 100.0 - sum(row[c] for c in PROFILE_COLUMNS[3:-1]))
+            rows.append(row)
+    return rows
 
 
 def total_loop_s(result: dict[str, Any]) -> float:

@@ -265,6 +265,34 @@ def measure_gemms(gemms: Sequence[tuple[int, int, int]], dtype: str, threads: in
     return flops / best
 
 
+OP_CATEGORIES = (  # (category, op names); first match wins, anything else under aten:: is "other ops"
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")),
+    ("dropout RNG", ("aten::bernoulli_", "aten::uniform_", "aten::rand", "aten::rand_like", "aten::native_dropout")),
+    ("dtype casts", ("aten::copy_", "aten::_to_copy", "aten::to")),
+    ("optimizer", ("aten::_fused_adamw_", "aten::_foreach_")),
+    ("collectives", ("c10d::", "gloo:", "nccl:")),
+)
+
+
+def op_category(name: str) -> str:
+    """Where a profiled op's time goes: ``matmul``, ``dropout RNG``, ``dtype casts``, ``optimizer``, ``collectives``,
+    ``other ops`` (every other ATen op: attention softmax, layer norm, GELU, element-wise, reductions) or
+    ``framework`` (record-function ranges such as autograd nodes or ``Optimizer.step#...``: Python and dispatch)."""
+    for category, prefixes in OP_CATEGORIES:
+        if any(name == p or (p.endswith(("_", ":")) and name.startswith(p)) for p in prefixes):
+            return category
+    return "other ops" if name.startswith("aten::") else "framework"
+
+
+def profile_breakdown(events: Iterable[Any]) -> dict[str, float]:
+    """Self CPU milliseconds per ``op_category`` from ``torch.profiler`` ``key_averages()`` events."""
+    out: dict[str, float] = {}
+    for e in events:
+        cat = op_category(e.key)
+        out[cat] = out.get(cat, 0.0) + e.self_cpu_time_total / 1000.0
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is missing or b is 0."""
     if a is None or b is None or b == 0:

@@ -256,3 +256,37 @@ def test_token_counter_counts_training_forwards_only(tiny_student_dir: Path) -> 
     assert 0 < counter.non_embedding_params < sum(p.numel() for p in auto.parameters())
     assert counter.shape == {"layers": auto.config.num_hidden_layers, "hidden": auto.config.hidden_size,
                              "intermediate": auto.config.intermediate_size}
+
+
+# ---- profile breakdown ----
+
+
+def test_op_category_sorts_profiled_ops() -> None:
+    assert C.op_category("aten::addmm") == C.op_category("aten::bmm") == "matmul"
+    assert C.op_category("aten::bernoulli_") == "dropout RNG"
+    assert C.op_category("aten::_to_copy") == C.op_category("aten::copy_") == "dtype casts"
+    assert C.op_category("aten::_fused_adamw_") == C.op_category("aten::_foreach_sqrt") == "optimizer"
+    assert C.op_category("aten::mmx") == "other ops"  # an exact name, not a prefix
+    assert C.op_category("aten::gelu_backward") == "other ops"
+    assert C.op_category("Optimizer.step#AdamW.step") == C.op_category("AddmmBackward0") == "framework"
+
+
+def test_profile_breakdown_and_rows_from_a_real_profile() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    lin = nn.Linear(64, 64)
+    opt = torch.optim.AdamW(lin.parameters(), fused=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            out = nn.functional.dropout(lin(torch.randn(32, 64)), 0.1, training=True)
+            out.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    ms = C.profile_breakdown(prof.key_averages())
+    for cat in ("matmul", "dropout RNG", "optimizer", "other ops"):
+        assert ms.get(cat, 0.0) > 0, cat
+    total_ms = sum(ms.values())
+    rows = bench_trainer.profile_rows({"ours-fp32": {"phase1": {"loop_s": 2 * total_ms / 1000.0, "profile_ms": ms}}})
+    assert len(rows) == 1 and rows[0]["config"] == "ours-fp32"
+    assert sum(rows[0][c] for c in bench_trainer.PROFILE_COLUMNS[3:-1]) == pytest.approx(50.0)
+    assert rows[0]["outside ops"] == pytest.approx(50.0)
