@@ -337,7 +337,7 @@ class Trainer:
                 part = rows[start : start + chunk]
                 enc = pad_chunks(tables[role].input_ids(part), pad, len(part), self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    x = self.model.student_embedding(enc.chunks[0])[enc.restore]
+                    x = torch.cat([self.model.student_embedding(c) for c in enc.chunks])[enc.restore]
                 x = x.double().cpu()
                 y = lookup(part).double().cpu()
                 xtx += x.T @ x
