@@ -44,14 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common as C  # noqa: E402
 
 VARIANTS = {
-    # name: (system, precision, phase2.cached_infonce)
-    "ours-fp32": ("ours", "fp32", False),
-    "ours-bf16": ("ours", "bf16", False),
-    "ours-bf16-cached": ("ours", "bf16", True),
-    "st-fp32": ("st", "fp32", False),
-    "st-bf16": ("st", "bf16", False),
+    # name: (system, precision, phase2.cached_infonce, training.compile)
+    "ours-fp32": ("ours", "fp32", False, False),
+    "ours-bf16": ("ours", "bf16", False, False),
+    "ours-bf16-cached": ("ours", "bf16", True, False),
+    "ours-fp32-compile": ("ours", "fp32", False, True),
+    "ours-bf16-compile": ("ours", "bf16", False, True),
+    "st-fp32": ("st", "fp32", False, False),
+    "st-bf16": ("st", "bf16", False, False),
 }
-DEFAULT_VARIANTS = "ours-fp32,st-fp32,ours-bf16,st-bf16,ours-bf16-cached"
+DEFAULT_VARIANTS = "ours-fp32,st-fp32,ours-bf16,st-bf16,ours-bf16-cached,ours-fp32-compile,ours-bf16-compile"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,13 +95,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_sets(args: argparse.Namespace, work: Path, name: str) -> list[str]:
     """``--set`` items of one configuration: same data, batches, steps and threads; its own output folder."""
-    _, precision, cached = VARIANTS.get(name, ("ours", "bf16", False))
+    _, precision, cached, compile_ = VARIANTS.get(name, ("ours", "bf16", False, False))
     return [f"phase1.batch_size={args.batch1}", f"phase2.batch_size={args.batch2}",
             f"phase1.max_steps={args.steps1}", f"phase2.max_steps={args.steps2}",
             "phase1.num_epochs=1000", "phase2.num_epochs=1000",  # max_steps decides
             "phase1.head_only_fraction=0",  # every step trains the whole student, as ST does
             f"training.num_threads={args.threads}", f"training.precision={precision}",
             f"phase2.cached_infonce={'true' if cached else 'false'}", f"phase2.mini_batch_size={args.mini_batch}",
+            f"training.compile={'true' if compile_ else 'false'}",
             f"paths.output_dir={work / 'runs' / name}", f"paths.cache_dir={work / 'cache'}"]
 
 
@@ -155,8 +158,15 @@ class TokenCounter:
             self._handle = None
 
     def begin(self, phase: str) -> None:
-        self.phases[phase] = {"real_tokens": 0, "sq_tokens": 0, "padded_tokens": 0, "rows": 0, "forwards": 0}
+        self.phases[phase] = {"real_tokens": 0, "sq_tokens": 0, "padded_tokens": 0, "rows": 0, "forwards": 0,
+                              "first_step_s": None}
         self.phase, self.t0 = phase, time.perf_counter()
+
+    def step_done(self) -> None:
+        """Marks an optimizer step's end; the first one splits off warm-up (allocation, compilation)."""
+        rec = self.phases.get(self.phase) if self.phase else None
+        if rec is not None and rec["first_step_s"] is None:
+            rec["first_step_s"] = time.perf_counter() - self.t0
 
     def end(self, steps: int, samples: int) -> None:
         rec = self.phases[self.phase]
@@ -195,7 +205,14 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
         if prof is not None:
             counter.phases[runner.name]["profile_ms"] = C.profile_breakdown(prof.key_averages())
 
+    original_step = T._PhaseRunner._step
+
+    def counted_step(runner, *a, **kw) -> None:
+        original_step(runner, *a, **kw)
+        counter.step_done()
+
     T._PhaseRunner.loop = timed_loop
+    T._PhaseRunner._step = counted_step
     argv = ["--config", spec["config"], "--overwrite", "--log-level", "WARNING"]
     for item in spec["sets"]:
         argv += ["--set", item]
@@ -283,6 +300,9 @@ def worker_st(spec: dict[str, Any]) -> dict[str, Any]:
         def on_train_begin(self, args, state, control, **kwargs):
             counter.begin(self.phase)
 
+        def on_step_end(self, args, state, control, **kwargs):
+            counter.step_done()
+
         def on_train_end(self, args, state, control, **kwargs):
             counter.end(state.global_step, state.global_step * self.batch)
 
@@ -319,6 +339,15 @@ def worker_matmul(spec: dict[str, Any]) -> dict[str, Any]:
         gemms = C.encoder_gemms(tokens, shape["hidden"], shape["intermediate"])
         out[f"{dt}:{tokens}"] = C.measure_gemms(gemms, dt, spec["threads"])
     return out
+
+
+def steady_samples_per_s(rec: dict[str, Any]) -> float | None:
+    """Samples/s after the first optimizer step (allocation, kernel selection and any compilation happen there):
+    the rate of a long run. Every step has the same samples here (fixed batch size, ``max_steps``)."""
+    first, steps = rec.get("first_step_s"), rec["steps"]
+    if first is None or steps < 2 or rec["loop_s"] <= first:
+        return None
+    return rec["samples"] * (steps - 1) / steps / (rec["loop_s"] - first)
 
 
 def tokens_per_forward(rec: dict[str, Any]) -> int | None:
@@ -364,6 +393,7 @@ def phase_row(name: str, system: str, precision: str, phase: str, rec: dict[str,
         "config": name, "system": system, "precision": precision, "phase": phase, "steps": rec["steps"],
         "loop_s": secs, "samples_per_s": rec["samples"] / secs, "texts_per_s": rec["rows"] / secs,
         "texts_per_sample": texts_per_sample,
+        "first_step_s": rec.get("first_step_s"), "steady_samples_per_s": steady_samples_per_s(rec),
         "real_tokens_per_s": rec["real_tokens"] / secs,
         "padding_eff": C.padding_efficiency_from_counts(rec["real_tokens"], rec["padded_tokens"]),
         "gflop_s": flops / 1e9, "pct_peak": 100.0 * flops / peaks[peak_dtype],
@@ -434,14 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {}
     if args.profile:
         for name in args.variants:
-            if VARIANTS[name][0] == "ours":
+            if VARIANTS[name][0] == "ours" and not VARIANTS[name][3]:  # a compiled graph profiles as one op
                 spec = {"config": str(config), "sets": run_sets(args, work, name), "threads": args.threads,
                         "profile": True}
                 profiles[name] = run_worker("ours", spec, work, f"{name}-profile", args.threads)["phases"]
 
     rows = []
     for name in args.variants:
-        system, precision, _ = VARIANTS[name]
+        system, precision = VARIANTS[name][:2]
         res = results[name]
         for phase in ("phase1", "phase2"):
             rec = res["phases"].get(phase)
@@ -451,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                                       tps, res))
 
     params = next((r["non_embedding_params"] for r in results.values() if r.get("non_embedding_params")), None)
-    columns = ["config", "phase", "steps", "loop_s", "samples_per_s", "texts_per_s", "real_tokens_per_s",
+    columns = ["config", "phase", "steps", "loop_s", "first_step_s", "samples_per_s", "steady_samples_per_s",
+               "texts_per_s", "real_tokens_per_s",
                "padding_eff", "gflop_s", "pct_peak", "tokens_per_forward", "pct_shape_peak", "teacher_passes",
                "peak_rss_mb"]
     print()
@@ -538,7 +569,14 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ratios[f"ours bf16/fp32 {phase}"] = C.ratio(sps("ours-bf16", phase), sps("ours-fp32", phase))
         ratios[f"st bf16/fp32 {phase}"] = C.ratio(sps("st-bf16", phase), sps("st-fp32", phase))
     ratios["ours cached/plain InfoNCE phase2"] = C.ratio(sps("ours-bf16-cached", "phase2"), sps("ours-bf16", "phase2"))
-    lines = [f"{k:36s} {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()]
+    for prec in ("fp32", "bf16"):
+        for phase in ("phase1", "phase2"):
+            compiled, eager = by.get((f"ours-{prec}-compile", phase)), by.get((f"ours-{prec}", phase))
+            ratios[f"ours compile/eager {prec} {phase}"] = C.ratio(
+                compiled and compiled["samples_per_s"], eager and eager["samples_per_s"])
+            ratios[f"ours compile/eager {prec} {phase} after step 1"] = C.ratio(
+                compiled and compiled["steady_samples_per_s"], eager and eager["steady_samples_per_s"])
+    lines = [f"{k:44s} {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()]
     return {"ratios": ratios, "lines": lines}
 
 

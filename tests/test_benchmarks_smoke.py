@@ -186,6 +186,8 @@ def test_bench_trainer_args_and_sets(tmp_path: Path) -> None:
     assert f"paths.cache_dir={tmp_path / 'cache'}" in sets
     plain = bench_trainer.run_sets(args, tmp_path, "st-fp32")
     assert "training.precision=fp32" in plain and "phase2.cached_infonce=false" in plain
+    assert "training.compile=false" in plain
+    assert "training.compile=true" in bench_trainer.run_sets(args, tmp_path, "ours-bf16-compile")
 
 
 def _rec(samples: int, loop_s: float, real: int, padded: int, rows: int, steps: int = 2) -> dict:
@@ -223,6 +225,22 @@ def test_phase_row_and_compare() -> None:
     assert ratios["ours/st fp32 phase2"] == pytest.approx(1.0)
     assert ratios["ours/st fp32 both"] == pytest.approx((80 / 10) / (80 / 12))  # total samples / total seconds
     assert ratios["ours/st bf16 phase1"] is None and ratios["ours cached/plain InfoNCE phase2"] is None
+    assert ratios["ours compile/eager fp32 phase1"] is None
+
+
+def test_steady_rate_leaves_out_the_first_step_and_compile_ratios() -> None:
+    rec = {**_rec(80, 10.0, 100, 100, 80, steps=5), "first_step_s": 6.0}
+    assert bench_trainer.steady_samples_per_s(rec) == pytest.approx(64 / 4.0)  # 4 of 5 steps' samples in 4 s
+    assert bench_trainer.steady_samples_per_s({**rec, "first_step_s": None}) is None
+    assert bench_trainer.steady_samples_per_s({**rec, "steps": 1}) is None
+    peaks, res = {"fp32": 100e9, "bf16": 400e9}, {"peak_rss_mb": 1.0}
+    eager = bench_trainer.phase_row("ours-bf16", "ours", "bf16", "phase1", {**rec, "first_step_s": 1.0}, 1, peaks, 1,
+                                    res)
+    compiled = bench_trainer.phase_row("ours-bf16-compile", "ours", "bf16", "phase1", rec, 1, peaks, 1, res)
+    assert eager["first_step_s"] == 1.0 and compiled["steady_samples_per_s"] == pytest.approx(16.0)
+    ratios = bench_trainer.compare([eager, compiled])["ratios"]
+    assert ratios["ours compile/eager bf16 phase1"] == pytest.approx(1.0)  # same samples in the same loop time
+    assert ratios["ours compile/eager bf16 phase1 after step 1"] == pytest.approx(16.0 / (64 / 9.0))
 
 
 def test_token_counter_counts_training_forwards_only(tiny_student_dir: Path) -> None:
@@ -238,6 +256,8 @@ def test_token_counter_counts_training_forwards_only(tiny_student_dir: Path) -> 
         counter.begin("phase1")
         model.train()
         model({k: v for k, v in feats.items()})  # counted
+        counter.step_done()
+        counter.step_done()  # only the first step's end is kept
         with torch.no_grad():
             model({k: v for k, v in feats.items()})  # GradCache's first pass: not counted
         model.eval()
@@ -251,6 +271,7 @@ def test_token_counter_counts_training_forwards_only(tiny_student_dir: Path) -> 
     assert rec["sq_tokens"] == sum(int(n) ** 2 for n in mask.sum(dim=1))
     assert rec["real_tokens"] < rec["padded_tokens"]
     assert (rec["steps"], rec["samples"]) == (1, 2) and rec["loop_s"] >= 0
+    assert 0 <= rec["first_step_s"] <= rec["loop_s"]
     auto = model[0].auto_model
     assert counter.non_embedding_params == C.non_embedding_params(auto, exclude=("pooler",))
     assert 0 < counter.non_embedding_params < sum(p.numel() for p in auto.parameters())
