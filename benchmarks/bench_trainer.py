@@ -20,9 +20,13 @@ forward passes, peak RSS, and achieved FLOP/s = (6 N T + 12 layers hidden sum le
 non-embedding parameters, T = real tokens, len = each text's real length: attention's term) against two rates
 measured in the same run with the same threads after the trainings: the fp32 / bf16 ``2048 x 2048`` matmul, and the
 student's own linear-layer matmuls (forward, input and weight gradients) at the token rows per forward of the row.
+Also the first optimizer step's time (allocations, kernel selection, compilation) and samples/s after it.
 
-    python benchmarks/bench_trainer.py                       # ~5 min on 2 cores
-    python benchmarks/bench_trainer.py --threads 2 --steps1 12 --steps2 12 --max-train 400 --json out.json
+Our configurations: fp32, bf16, bf16 with GradCache, and fp32 / bf16 with ``training.compile``. ``--profile`` runs
+each uncompiled one once more under ``torch.profiler`` and prints the share of its loop time per kind of op.
+
+    python benchmarks/bench_trainer.py                       # ~8 min on 2 cores
+    python benchmarks/bench_trainer.py --max-train 256 --steps1 8 --steps2 6 --repeats 2 --profile --json out.json
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also run each of our configurations once more under torch.profiler and print where its "
                         "loop time goes (matmul, dropout RNG, casts, optimizer, other ops); not used for the table")
+    p.add_argument("--malloc", choices=list(C.MALLOCS), default="glibc",
+                   help="memory allocator of every configuration: glibc's own, or tcmalloc / jemalloc preloaded "
+                        "(as torch.backends.xeon.run_cpu does); default glibc")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul of the peak (default 2048)")
     p.add_argument("--models-dir", type=Path, default=C.DEFAULT_MODELS)
     p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench_trainer")
@@ -203,7 +210,10 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             counter.end(runner.state.step, runner.state.samples_seen - samples0)
         if prof is not None:
-            counter.phases[runner.name]["profile_ms"] = C.profile_breakdown(prof.key_averages())
+            events = prof.key_averages()
+            counter.phases[runner.name]["profile_ms"] = C.profile_breakdown(events)
+            top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+            counter.phases[runner.name]["profile_top_ms"] = [(e.key, e.self_cpu_time_total / 1000.0) for e in top]
 
     original_step = T._PhaseRunner._step
 
@@ -361,7 +371,8 @@ def tokens_per_forward(rec: dict[str, Any]) -> int | None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(kind: str, spec: dict[str, Any], work: Path, name: str, threads: int) -> dict[str, Any]:
+def run_worker(kind: str, spec: dict[str, Any], work: Path, name: str, threads: int,
+               preload: str | None = None) -> dict[str, Any]:
     """``bench_trainer.py --worker KIND --spec FILE`` in a fresh process; returns its result JSON (+ ``wall_s``)."""
     out = work / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +383,7 @@ def run_worker(kind: str, spec: dict[str, Any], work: Path, name: str, threads: 
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec_path)]
     print(f"[{name}] running", flush=True)
-    wall = C.run_logged(cmd, work / "logs" / f"{name}.log", C.bench_env(threads))
+    wall = C.run_logged(cmd, work / "logs" / f"{name}.log", C.bench_env(threads, preload))
     result = json.loads(out.read_text(encoding="utf-8"))
     result["wall_s"] = wall
     print(f"[{name}] {wall:.1f} s", flush=True)
@@ -422,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     from distill.config import load_config
 
     num_negatives = load_config(config).phase2.num_negatives
-    print(f"machine: {C.machine_line(args.threads)}")
+    preload = C.malloc_preload(args.malloc)
+    print(f"machine: {C.machine_line(args.threads)}; allocator {args.malloc}{f' ({preload})' if preload else ''}")
     print(f"workload: {config} (demo data --max-train {args.max_train}; phase 1 {args.steps1} steps x {args.batch1}, "
           f"phase 2 {args.steps2} steps x {args.batch2} queries with 1 + {num_negatives} documents)")
 
@@ -441,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):  # interleaved, so a burst of load from elsewhere hits every configuration alike
         for name in args.variants:
             spec = {"config": str(config), "sets": run_sets(args, work, name), "threads": args.threads}
-            runs[name].append(run_worker(VARIANTS[name][0], spec, work, f"{name}-r{r}", args.threads))
+            runs[name].append(run_worker(VARIANTS[name][0], spec, work, f"{name}-r{r}", args.threads, preload))
     results = {}
     for name in args.variants:
         res = results[name] = fastest(runs[name])
@@ -453,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                           for name, res in results.items() for rec in res["phases"].values()
                           if tokens_per_forward(rec)})
     peaks = run_worker("matmul", {"n": args.matmul_n, "threads": args.threads, "shape": shape,
-                                  "gemm_tokens": gemm_tokens if shape else []}, work, "matmul", args.threads)
+                                  "gemm_tokens": gemm_tokens if shape else []}, work, "matmul", args.threads,
+                       preload)
     peaks.pop("wall_s", None)
     print(f"matmul {args.matmul_n}x{args.matmul_n}, {args.threads} thread(s): fp32 {peaks['fp32'] / 1e9:.1f} "
           f"GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
@@ -467,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             if VARIANTS[name][0] == "ours" and not VARIANTS[name][3]:  # a compiled graph profiles as one op
                 spec = {"config": str(config), "sets": run_sets(args, work, name), "threads": args.threads,
                         "profile": True}
-                profiles[name] = run_worker("ours", spec, work, f"{name}-profile", args.threads)["phases"]
+                profiles[name] = run_worker("ours", spec, work, f"{name}-profile", args.threads, preload)["phases"]
 
     rows = []
     for name in args.variants:

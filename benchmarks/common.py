@@ -98,12 +98,32 @@ def train_command(config: Path, overrides: Sequence[str] = (), *, nproc: int = 1
     return cmd
 
 
-def bench_env(threads: int) -> dict[str, str]:
-    """Offline, one thread pool size for torch/OpenMP/MKL, no tokenizer threads."""
+MALLOCS = {"glibc": None, "tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}  # --malloc: library to preload
+MALLOC_PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}  # Debian / Ubuntu
+
+
+def malloc_preload(malloc: str) -> str | None:
+    """The shared library to ``LD_PRELOAD`` for ``malloc`` (None: glibc's own), or SystemExit naming its package."""
+    import ctypes.util
+
+    if MALLOCS[malloc] is None:
+        return None
+    lib = ctypes.util.find_library(MALLOCS[malloc])
+    if lib is None:
+        raise SystemExit(f"--malloc {malloc}: lib{MALLOCS[malloc]} not found; install it (Debian/Ubuntu: "
+                         f"apt-get install {MALLOC_PACKAGES[malloc]})")
+    return lib
+
+
+def bench_env(threads: int, preload: str | None = None) -> dict[str, str]:
+    """Offline, one thread pool size for torch/OpenMP/MKL, no tokenizer threads; ``preload``: an allocator library
+    for ``LD_PRELOAD``."""
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
+    if preload:
+        env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
     return env
 
 

@@ -311,3 +311,25 @@ def test_profile_breakdown_and_rows_from_a_real_profile() -> None:
     assert len(rows) == 1 and rows[0]["config"] == "ours-fp32"
     assert sum(rows[0][c] for c in bench_trainer.PROFILE_COLUMNS[3:-1]) == pytest.approx(50.0)
     assert rows[0]["outside ops"] == pytest.approx(50.0)
+
+
+# ---- allocator ----
+
+
+def test_malloc_preload_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes.util
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert C.malloc_preload("glibc") is None
+    assert "LD_PRELOAD" not in C.bench_env(2)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(SystemExit, match=r"--malloc tcmalloc: libtcmalloc_minimal not found; install it "
+                                         r"\(Debian/Ubuntu: apt-get install libtcmalloc-minimal4\)"):
+        C.malloc_preload("tcmalloc")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
+    assert C.malloc_preload("tcmalloc") == "libtcmalloc_minimal.so.4"
+    env = C.bench_env(3, "libtcmalloc_minimal.so.4")
+    assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4" and env["OMP_NUM_THREADS"] == "3"
+    assert bench_trainer.parse_args(["--malloc", "jemalloc"]).malloc == "jemalloc"
+    with pytest.raises(SystemExit):
+        bench_trainer.parse_args(["--malloc", "mimalloc"])
