@@ -372,6 +372,7 @@ class DistillModel(nn.Module):
         super().__init__()
         self.student = student
         self.head = head
+        self._lookup_once: bool | None = None  # see _look_up_tokens_once
 
     def student_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's own sentence embedding [b, student_dim], before any head."""
@@ -397,9 +398,11 @@ class DistillModel(nn.Module):
         and type embeddings to ``inputs_embeds`` as it would to its own lookup. Models without a plain
         ``nn.Embedding`` input table or an ``inputs_embeds`` argument keep the per-chunk lookup.
         """
-        table = _token_embedding_table(self.student)
-        if table is None:
+        if self._lookup_once is None:  # a property of the student: checked on the first forward
+            self._lookup_once = _token_embedding_table(self.student) is not None
+        if not self._lookup_once:
             return chunks
+        table = backbone(self.student).get_input_embeddings()
         flat = table(torch.cat([c["input_ids"].reshape(-1) for c in chunks]))
         out, start = [], 0
         for c in chunks:
@@ -411,13 +414,17 @@ class DistillModel(nn.Module):
         return out
 
 
+def backbone(student: Any) -> nn.Module | None:
+    """The transformers model inside a sentence-transformers student's first (Transformer) module."""
+    return getattr(student[0], "model", None)
+
+
 def _token_embedding_table(student: Any) -> nn.Embedding | None:
     """The word-embedding table of a sentence-transformers student whose transformers model takes ``inputs_embeds``
     in place of ``input_ids`` (BERT, MPNet, RoBERTa, Qwen2, ...), else None."""
     import inspect
 
-    first = student[0] if len(student) else None
-    model = getattr(first, "model", None)
+    model = backbone(student) if len(student) else None
     if model is None or not hasattr(model, "get_input_embeddings"):
         return None
     table = model.get_input_embeddings()

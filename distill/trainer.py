@@ -41,7 +41,7 @@ from distill.config import Config, dump_config
 from distill.errors import CheckpointError, ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
-from distill.models import DistillModel, build_projection_head, check_dims, load_student
+from distill.models import DistillModel, backbone, build_projection_head, check_dims, load_student
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ class Trainer:
         if self.cfg.training.compile:
             # Compile the backbone's forward method (sentence-transformers calls ``model.forward`` directly, so
             # nn.Module.compile would be bypassed); parameter names, checkpoints and the export stay as they are.
-            backbone = _backbone(self.student)
-            backbone.forward = torch.compile(backbone.forward, dynamic=True)
+            model = backbone(self.student)
+            model.forward = torch.compile(model.forward, dynamic=True)
         self.tokenizer = self.student.tokenizer
         self.max_model_len = _max_student_length(self.student)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -781,14 +781,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         group.update(impl)
 
 
-def _backbone(student) -> nn.Module:
-    """The transformers model inside the student's first (Transformer) module."""
-    return student[0].model
-
-
 def _max_student_length(student) -> int:
     tok_max = getattr(student.tokenizer, "model_max_length", 512) or 512
-    pos = getattr(getattr(_backbone(student), "config", None), "max_position_embeddings", None)
+    pos = getattr(getattr(backbone(student), "config", None), "max_position_embeddings", None)
     limits = [x for x in (tok_max, pos and pos - 2) if x and x < 100_000]
     return min(limits) if limits else 512
 
