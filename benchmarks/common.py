@@ -241,9 +241,9 @@ def encoder_gemms(tokens: int, hidden: int, intermediate: int) -> list[tuple[int
     return gemms
 
 
-def matmul_flop_count(n: int) -> int:
-    """FLOPs of one n x n @ n x n matmul: n^2 dot products of length n, a multiply and an add each = 2 n^3."""
-    return 2 * n**3
+def matmul_flop_count(m: int, k: int, n: int) -> int:
+    """FLOPs of one [m, k] @ [k, n] matmul: m n dot products of length k, a multiply and an add each = 2 m k n."""
+    return 2 * m * k * n
 
 
 def non_embedding_params(module: Any, exclude: Sequence[str] = ()) -> int:
@@ -272,7 +272,7 @@ def measure_gemms(gemms: Sequence[tuple[int, int, int]], dtype: str, threads: in
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     gen = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt)) for m, k, n in gemms]
-    flops = sum(2 * m * k * n for m, k, n in gemms)
+    flops = sum(matmul_flop_count(*g) for g in gemms)
     for a, b in pairs:  # first calls: kernel selection / packing
         a @ b
     best, spent, runs = float("inf"), 0.0, 0

@@ -28,7 +28,8 @@ def test_flop_formulas() -> None:
         (6 * 100 * 7 + 12 * 2 * 8 * 25) / 2.0)
     assert C.achieved_flops_per_s(100, 50, 2.0) == pytest.approx(6 * 100 * 50 / 2.0)
     assert math.isnan(C.achieved_flops_per_s(100, 50, 0.0))
-    assert C.matmul_flop_count(2048) == 2 * 2048**3 == 17_179_869_184
+    assert C.matmul_flop_count(2048, 2048, 2048) == 2 * 2048**3 == 17_179_869_184
+    assert C.matmul_flop_count(10, 4, 16) == 2 * 10 * 4 * 16
 
 
 def test_padding_efficiency_from_masks_and_counts() -> None:
@@ -96,7 +97,7 @@ def test_encoder_gemms_cover_every_linear_layer_forward_and_backward() -> None:
     assert len(gemms) == 6 * 3
     # Their FLOPs are 3x the forward's, and the forward's are 2 * tokens * (the layer's linear weights).
     weights = 4 * 4 * 4 + 4 * 16 + 16 * 4
-    assert sum(2 * m * k * n for m, k, n in gemms) == 3 * 2 * 10 * weights
+    assert sum(C.matmul_flop_count(*g) for g in gemms) == 3 * 2 * 10 * weights
     assert (10, 4, 16) in gemms and (10, 16, 4) in gemms and (4, 10, 16) in gemms  # Y = XW, dX = dY W^T, dW = X^T dY
 
 
