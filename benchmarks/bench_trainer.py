@@ -41,21 +41,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as C  # noqa: E402
 
+
+class Variant(NamedTuple):
+    system: str  # "ours" or "st"
+    precision: str  # "fp32" or "bf16"
+    cached_infonce: bool  # phase2.cached_infonce
+    compile: bool  # training.compile
+
+
 VARIANTS = {
-    # name: (system, precision, phase2.cached_infonce, training.compile)
-    "ours-fp32": ("ours", "fp32", False, False),
-    "ours-bf16": ("ours", "bf16", False, False),
-    "ours-bf16-cached": ("ours", "bf16", True, False),
-    "ours-fp32-compile": ("ours", "fp32", False, True),
-    "ours-bf16-compile": ("ours", "bf16", False, True),
-    "st-fp32": ("st", "fp32", False, False),
-    "st-bf16": ("st", "bf16", False, False),
+    "ours-fp32": Variant("ours", "fp32", False, False),
+    "ours-bf16": Variant("ours", "bf16", False, False),
+    "ours-bf16-cached": Variant("ours", "bf16", True, False),
+    "ours-fp32-compile": Variant("ours", "fp32", False, True),
+    "ours-bf16-compile": Variant("ours", "bf16", False, True),
+    "st-fp32": Variant("st", "fp32", False, False),
+    "st-bf16": Variant("st", "bf16", False, False),
 }
 DEFAULT_VARIANTS = "ours-fp32,st-fp32,ours-bf16,st-bf16,ours-bf16-cached,ours-fp32-compile,ours-bf16-compile"
 
@@ -102,14 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_sets(args: argparse.Namespace, work: Path, name: str) -> list[str]:
     """``--set`` items of one configuration: same data, batches, steps and threads; its own output folder."""
-    _, precision, cached, compile_ = VARIANTS.get(name, ("ours", "bf16", False, False))
+    variant = VARIANTS.get(name, Variant("ours", "bf16", False, False))
     return [f"phase1.batch_size={args.batch1}", f"phase2.batch_size={args.batch2}",
             f"phase1.max_steps={args.steps1}", f"phase2.max_steps={args.steps2}",
             "phase1.num_epochs=1000", "phase2.num_epochs=1000",  # max_steps decides
             "phase1.head_only_fraction=0",  # every step trains the whole student, as ST does
-            f"training.num_threads={args.threads}", f"training.precision={precision}",
-            f"phase2.cached_infonce={'true' if cached else 'false'}", f"phase2.mini_batch_size={args.mini_batch}",
-            f"training.compile={'true' if compile_ else 'false'}",
+            f"training.num_threads={args.threads}", f"training.precision={variant.precision}",
+            f"phase2.cached_infonce={'true' if variant.cached_infonce else 'false'}",
+            f"phase2.mini_batch_size={args.mini_batch}", f"training.compile={'true' if variant.compile else 'false'}",
             f"paths.output_dir={work / 'runs' / name}", f"paths.cache_dir={work / 'cache'}"]
 
 
@@ -453,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):  # interleaved, so a burst of load from elsewhere hits every configuration alike
         for name in args.variants:
             spec = {"config": str(config), "sets": run_sets(args, work, name), "threads": args.threads}
-            runs[name].append(run_worker(VARIANTS[name][0], spec, work, f"{name}-r{r}", args.threads, preload))
+            runs[name].append(run_worker(VARIANTS[name].system, spec, work, f"{name}-r{r}", args.threads, preload))
     results = {}
     for name in args.variants:
         res = results[name] = fastest(runs[name])
@@ -461,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The matmul rates, after the runs: the student's GEMMs are measured at the token rows per forward they had.
     shape = next((r["shape"] for r in results.values() if r.get("shape")), None)
-    gemm_tokens = sorted({("bf16" if VARIANTS[name][1] == "bf16" else "fp32", tokens_per_forward(rec))
+    gemm_tokens = sorted({(VARIANTS[name].precision, tokens_per_forward(rec))
                           for name, res in results.items() for rec in res["phases"].values()
                           if tokens_per_forward(rec)})
     peaks = run_worker("matmul", {"n": args.matmul_n, "threads": args.threads, "shape": shape,
@@ -477,14 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {}
     if args.profile:
         for name in args.variants:
-            if VARIANTS[name][0] == "ours" and not VARIANTS[name][3]:  # a compiled graph profiles as one op
+            if VARIANTS[name].system == "ours" and not VARIANTS[name].compile:  # compiled: one op per graph
                 spec = {"config": str(config), "sets": run_sets(args, work, name), "threads": args.threads,
                         "profile": True}
                 profiles[name] = run_worker("ours", spec, work, f"{name}-profile", args.threads, preload)["phases"]
 
     rows = []
     for name in args.variants:
-        system, precision = VARIANTS[name][:2]
+        system, precision = VARIANTS[name].system, VARIANTS[name].precision
         res = results[name]
         for phase in ("phase1", "phase2"):
             rec = res["phases"].get(phase)
