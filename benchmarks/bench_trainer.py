@@ -22,7 +22,8 @@ measured in the same run with the same threads after the trainings: the fp32 / b
 student's own linear-layer matmuls (forward, input and weight gradients) at the token rows per forward of the row.
 Also the first optimizer step's time (allocations, kernel selection, compilation) and samples/s after it.
 
-Our configurations: fp32, bf16, bf16 with GradCache, and fp32 / bf16 with ``training.compile``. ``--profile`` runs
+Our configurations: fp32, bf16, bf16 with GradCache, fp32 / bf16 with ``training.compile``, and (not by default)
+fp32 / bf16 with torch's own ``bernoulli_`` dropout instead of ``training.rand_dropout``. ``--profile`` runs
 each uncompiled one once more under ``torch.profiler`` and prints the share of its loop time per kind of op.
 
     python benchmarks/bench_trainer.py                       # ~8 min on 2 cores
@@ -53,6 +54,7 @@ class Variant(NamedTuple):
     precision: str  # "fp32" or "bf16"
     cached_infonce: bool  # phase2.cached_infonce
     compile: bool  # training.compile
+    rand_dropout: bool = True  # training.rand_dropout (ours); ST always runs torch's own dropout
 
 
 VARIANTS = {
@@ -61,6 +63,8 @@ VARIANTS = {
     "ours-bf16-cached": Variant("ours", "bf16", True, False),
     "ours-fp32-compile": Variant("ours", "fp32", False, True),
     "ours-bf16-compile": Variant("ours", "bf16", False, True),
+    "ours-fp32-bernoulli": Variant("ours", "fp32", False, False, rand_dropout=False),
+    "ours-bf16-bernoulli": Variant("ours", "bf16", False, False, rand_dropout=False),
     "st-fp32": Variant("st", "fp32", False, False),
     "st-bf16": Variant("st", "bf16", False, False),
 }
@@ -117,6 +121,7 @@ def run_sets(args: argparse.Namespace, work: Path, name: str) -> list[str]:
             f"training.num_threads={args.threads}", f"training.precision={variant.precision}",
             f"phase2.cached_infonce={'true' if variant.cached_infonce else 'false'}",
             f"phase2.mini_batch_size={args.mini_batch}", f"training.compile={'true' if variant.compile else 'false'}",
+            f"training.rand_dropout={'true' if variant.rand_dropout else 'false'}",
             f"paths.output_dir={work / 'runs' / name}", f"paths.cache_dir={work / 'cache'}"]
 
 
@@ -596,6 +601,10 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 compiled and compiled["samples_per_s"], eager and eager["samples_per_s"])
             ratios[f"ours compile/eager {prec} {phase} after step 1"] = C.ratio(
                 compiled and compiled["steady_samples_per_s"], eager and eager["steady_samples_per_s"])
+    for prec in ("fp32", "bf16"):
+        for phase in ("phase1", "phase2"):
+            ratios[f"ours rand/bernoulli dropout {prec} {phase}"] = C.ratio(
+                sps(f"ours-{prec}", phase), sps(f"ours-{prec}-bernoulli", phase))
     lines = [f"{k:44s} {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()]
     return {"ratios": ratios, "lines": lines}
 

@@ -39,6 +39,7 @@ from distill.checkpoint import (
 )
 from distill.config import Config, dump_config
 from distill.errors import CheckpointError, ConfigError, DistillError, Preempted
+from distill.dropout import use_rand_dropout
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
 from distill.models import DistillModel, backbone, build_projection_head, check_dims, load_student
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 DONE_MARKER = "DONE"
 # Keys that may change between a run and its resume without changing what is trained.
 _RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
-                                              "num_threads", "skip_phase1", "skip_phase2", "save_to_artifacts")}
+                                              "num_threads", "rand_dropout", "skip_phase1", "skip_phase2", "save_to_artifacts")}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -153,6 +154,9 @@ class Trainer:
         head = build_projection_head(m.student_dim, m.projection_hidden_dim, m.teacher_dim, self.cfg.training.seed) \
             if m.use_projection else None
         self.model = DistillModel(self.student, head).to(self.device)
+        if self.cfg.training.rand_dropout and self.device.type == "cpu" and not self.cfg.training.compile:
+            # inductor draws its own dropout masks inside fused kernels; GPUs have a fused native kernel
+            log.info("CPU dropout through torch.rand: %d dropout modules swapped", use_rand_dropout(self.student))
         if self.cfg.training.compile:
             # Compile the backbone's forward method (sentence-transformers calls ``model.forward`` directly, so
             # nn.Module.compile would be bypassed); parameter names, checkpoints and the export stay as they are.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,9 @@ def test_projection_two_ranks_trains_both_phases(projection_run):
     assert json.loads((run_dir / "DONE").read_text()) == {"phases": [1, 2]}
     # Two ranks: the global batch is twice the per-rank batch.
     assert "global batch 16" in log
+    # CPU training draws dropout masks with torch.rand (training.rand_dropout): every nn.Dropout of the student swapped.
+    swapped = re.search(r"CPU dropout through torch.rand: (\d+) dropout modules swapped", log)
+    assert swapped and int(swapped.group(1)) > 0
 
 
 def test_projection_artifact_encodes_teacher_dim(projection_run):

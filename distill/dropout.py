@@ -1,0 +1,129 @@
+"""Dropout for CPU training whose mask comes from ``torch.rand`` instead of ``bernoulli_``.
+
+On CPU, ``torch.nn.functional.dropout`` draws its mask with ``Tensor.bernoulli_(1 - p)``, which makes ~130-150 M
+numbers/s on one of this project's CPU machines, while ``torch.rand`` from the same generator makes ~440 M/s; with a
+student's 0.1 dropout on every hidden state and attention matrix that difference is 10-15 % of a training step
+(docs/PERFORMANCE.md). The maths is the same as ``nn.Dropout``:
+
+    keep = U >= p,  U ~ Uniform[0, 1) (float32, i.e. p rounded to 2^-24)
+    y    = x * keep / (1 - p)          dy/dx = keep / (1 - p)
+
+with a different random stream (still ``torch``'s default generator, so ``torch.manual_seed`` per rank decides it).
+The backward keeps only the boolean mask, as ``torch.native_dropout`` does.
+
+Two places carry a student's dropout: ``nn.Dropout`` modules (hidden states, and attention probabilities in models
+with their own attention code, e.g. MPNet), and the ``dropout`` argument transformers' SDPA attention passes into
+``F.scaled_dot_product_attention`` (BERT, RoBERTa, Qwen2, ...). :func:`use_rand_dropout` swaps the first for
+:class:`RandDropout` and points the second at :func:`sdpa_rand_dropout_attention`, a registered transformers
+attention function that computes attention with this dropout when training on CPU and calls transformers' SDPA
+otherwise. On GPUs the native kernels already draw the mask inside one fused kernel, so nothing is swapped there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "sdpa_rand_dropout"
+
+
+class _MaskScale(torch.autograd.Function):
+    """y = x * keep * scale with the boolean ``keep`` as the only saved tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.ops.aten.native_dropout_backward(x, keep, scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
+
+
+def rand_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with the mask drawn by ``torch.rand``; ``x`` of any shape and float dtype."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    keep = torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p  # float32 even for bf16 x: p exact to 2^-24
+    return _MaskScale.apply(x, keep, 1.0 / (1.0 - p))
+
+
+class RandDropout(nn.Dropout):
+    """``nn.Dropout`` computed by :func:`rand_dropout` (same ``p``, same train/eval behaviour, no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rand_dropout(x, self.p, self.training)
+
+
+def sdpa_rand_dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                                scaling: float | None = None, is_causal: bool | None = None,
+                                **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa`` attention, except that training with dropout on CPU takes the maths path with
+    :func:`rand_dropout` on the probabilities (SDPA's CPU flash kernel has no dropout, so PyTorch takes the same
+    maths path there, with ``bernoulli_``).
+
+    query [B, H, Q, D], key / value [B, H_kv, K, D]; ``attention_mask`` boolean (True = attend) or additive, broadcast
+    to [B, H, Q, K]. Returns ([B, Q, H, D], None) like every transformers attention function:
+
+        A = softmax(Q K^T * scaling + mask) ,  out = dropout(A) V
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    if not (module.training and dropout > 0.0 and query.device.type == "cpu" and plain) \
+            or (causal and query.shape[2] > 1 and attention_mask is None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(rand_dropout(probs, dropout), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, sdpa_rand_dropout_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # without it, transformers builds no padding mask
+
+
+def use_rand_dropout(model: nn.Module) -> int:
+    """Swap ``model``'s ``nn.Dropout`` modules for :class:`RandDropout` and, if it runs transformers' SDPA attention,
+    point it at :func:`sdpa_rand_dropout_attention`; returns the number of dropout modules swapped. Parameters,
+    state dict and saved config are unchanged (``_attn_implementation`` is not written to config.json)."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, RandDropout(child.p, child.inplace))
+                swapped += 1
+    for sub in model.modules():
+        config = getattr(sub, "config", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(sub, "set_attn_implementation"):
+            _register_attention()
+            sub.set_attn_implementation(ATTENTION_NAME)
+            break
+    return swapped

@@ -1,0 +1,172 @@
+"""training.rand_dropout: dropout whose mask comes from torch.rand, with nn.Dropout's maths, and a student whose
+dropout modules and SDPA attention use it computes what the stock student computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import build_tiny_student
+from torch import nn
+
+from distill.dropout import ATTENTION_NAME, RandDropout, rand_dropout, sdpa_rand_dropout_attention, use_rand_dropout
+from distill.gradcache import cached_backward
+from distill.losses import InfoNCELoss
+
+TEXTS = ["a short one", "somewhat longer text with several more words in it", "x",
+         "the longest of them all by a clear margin, with many words and some punctuation too!"]
+
+
+def test_rand_dropout_is_mask_times_scale_with_the_mask_of_torch_rand() -> None:
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    torch.manual_seed(7)
+    y = rand_dropout(x, 0.25)
+    torch.manual_seed(7)
+    keep = torch.rand(3, 5, 7) >= 0.25
+    assert 0 < keep.sum() < keep.numel()
+    assert torch.equal(y == 0, ~keep)
+    assert torch.allclose(y, x.detach() * keep / 0.75, rtol=1e-6, atol=0)
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.allclose(x.grad, 2.0 * keep / 0.75)
+
+
+def test_rand_dropout_keeps_one_minus_p_and_the_mean() -> None:
+    torch.manual_seed(0)
+    y = rand_dropout(torch.ones(1_000_000), 0.1)
+    assert abs((y > 0).float().mean().item() - 0.9) < 0.002  # 6 standard deviations
+    assert abs(y.mean().item() - 1.0) < 0.003
+
+
+def test_rand_dropout_bf16_input_keeps_dtype_and_exact_scale() -> None:
+    x = torch.ones(1000, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    y = rand_dropout(x, 0.5)
+    assert y.dtype == torch.bfloat16
+    assert set(y.float().unique().tolist()) == {0.0, 2.0}
+
+
+def test_rand_dropout_edge_cases() -> None:
+    x = torch.randn(4, 4)
+    assert rand_dropout(x, 0.3, training=False) is x
+    assert rand_dropout(x, 0.0) is x
+    assert torch.equal(rand_dropout(x, 1.0), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        rand_dropout(x, 1.5)
+    module = RandDropout(0.4).eval()
+    assert module(x) is x and module.p == 0.4
+
+
+def _attention_inputs(heads: int = 4, kv_heads: int = 4, b: int = 2, q: int = 5, d: int = 8):
+    torch.manual_seed(3)
+    return torch.randn(b, heads, q, d), torch.randn(b, kv_heads, q, d), torch.randn(b, kv_heads, q, d)
+
+
+class _Attn(nn.Module):
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.is_causal = False
+        self.num_key_value_groups = groups
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_maths_path_matches_sdpa(mask_kind: str, kv_heads: int) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = _attention_inputs(kv_heads=kv_heads)
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[0, :, :, 3:] = False  # first text padded after 3 tokens
+    mask = {"none": None, "bool": keep,
+            "additive": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)}[mask_kind]
+    module = _Attn(groups=4 // kv_heads).train()
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    torch.manual_seed(0)  # p = 1e-12 drops nothing here: the maths path, not the fallback, with scale 1
+    got, none = sdpa_rand_dropout_attention(module, q, k, v, mask, dropout=1e-12, scaling=0.3)
+    assert none is None and got.shape == want.shape == (2, 5, 4, 8)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_attention_drops_probabilities_with_the_torch_rand_mask() -> None:
+    q, k, v = _attention_inputs()
+    module = _Attn().train()
+    torch.manual_seed(5)
+    got, _ = sdpa_rand_dropout_attention(module, q, k, v, None, dropout=0.2, scaling=0.5)
+    torch.manual_seed(5)
+    keep = torch.rand(2, 4, 5, 5) >= 0.2
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) * keep / 0.8
+    assert torch.allclose(got, (probs @ v).transpose(1, 2), atol=1e-6)
+    eval_out, _ = sdpa_rand_dropout_attention(module.eval(), q, k, v, None, dropout=0.0, scaling=0.5)
+    assert not torch.allclose(eval_out, got, atol=1e-3)
+
+
+def _load(path, **kwargs):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu", **kwargs)
+
+
+def _set_dropout(student, p: float) -> None:
+    for m in student.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_swapped_student_computes_what_the_stock_student_computes(tmp_path, kind: str) -> None:
+    path = build_tiny_student(tmp_path / kind, kind=kind)
+    stock, swapped = _load(path), _load(path)
+    n_dropout = sum(type(m) is nn.Dropout for m in stock.modules())
+    assert use_rand_dropout(swapped) == n_dropout > 0
+    assert not any(type(m) is nn.Dropout for m in swapped.modules())
+    want_attention = ATTENTION_NAME if kind == "bert" else stock[0].model.config._attn_implementation  # MPNet: eager
+    assert swapped[0].model.config._attn_implementation == want_attention
+    features = stock.tokenize(TEXTS)  # padded: the attention mask matters
+
+    stock.eval(), swapped.eval()
+    with torch.no_grad():
+        assert torch.equal(stock(dict(features))["sentence_embedding"], swapped(dict(features))["sentence_embedding"])
+
+    # Training mode with p = 1e-12: both keep every element (seeded), so the maths path of the attention and the
+    # swapped modules must reproduce the stock training forward and backward.
+    stock.train(), swapped.train()
+    _set_dropout(stock, 1e-12), _set_dropout(swapped, 1e-12)
+    grads = []
+    for st in (stock, swapped):
+        torch.manual_seed(0)
+        st(dict(features))["sentence_embedding"].pow(3).sum().backward()
+        grads.append({n: p.grad for n, p in st.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-5), name
+
+    # Saved the same: same state dict, no custom attention name in config.json.
+    assert stock.state_dict().keys() == swapped.state_dict().keys()
+    swapped.save(str(tmp_path / "saved"))
+    assert ATTENTION_NAME not in (tmp_path / "saved" / "config.json").read_text()
+    json.loads((tmp_path / "saved" / "config.json").read_text())
+    reloaded = _load(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(dict(features))["sentence_embedding"],
+                              stock.eval()(dict(features))["sentence_embedding"], atol=1e-6)
+
+
+def test_gradcache_replays_rand_dropout_masks() -> None:
+    """GradCache's second forward must draw the same torch.rand masks as its first (the RNG state it restores)."""
+    torch.manual_seed(0)
+    lin, drop = nn.Linear(12, 8), RandDropout(0.3)
+    model = nn.Sequential(lin, nn.Tanh(), drop).train()
+    queries, docs = torch.randn(4, 12), torch.randn(12, 12)
+    doc_ids = torch.arange(12)
+    loss_fn = InfoNCELoss(temperature=0.05, gather=False)
+    torch.manual_seed(123)
+    ref = loss_fn(model(queries), model(docs), doc_ids)
+    ref.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(123)
+    loss, _ = cached_backward(model, [queries, docs[:6], docs[6:]],
+                              lambda emb: (loss_fn(emb[:4], emb[4:], doc_ids), {}), scale=1.0)
+    assert torch.allclose(loss, ref.detach(), atol=1e-6)
+    for got, w in zip((p.grad for p in model.parameters()), want, strict=True):
+        assert torch.allclose(got, w, atol=1e-6)
