@@ -1,15 +1,14 @@
 """Dropout for CPU training whose mask comes from ``torch.rand`` instead of ``bernoulli_``.
 
-On CPU, ``torch.nn.functional.dropout`` draws its mask with ``Tensor.bernoulli_(1 - p)``, which makes ~130-150 M
-numbers/s on one of this project's CPU machines, while ``torch.rand`` from the same generator makes ~440 M/s; with a
-student's 0.1 dropout on every hidden state and attention matrix that difference is 10-15 % of a training step
-(docs/PERFORMANCE.md). The maths is the same as ``nn.Dropout``:
+On CPU, ``torch.nn.functional.dropout`` draws its mask with ``Tensor.bernoulli_(1 - p)``, which makes 130-190 M
+numbers/s on this project's 2-core CPU machines, while ``torch.rand`` from the same generator makes 350-440 M/s; with
+a student's 0.1 dropout on every hidden state and attention matrix, ``bernoulli_`` alone is 11-21 % of a training
+step (docs/PERFORMANCE.md). The maths is the same as ``nn.Dropout``:
 
     keep = U >= p,  U ~ Uniform[0, 1) (float32, i.e. p rounded to 2^-24)
     y    = x * keep / (1 - p)          dy/dx = keep / (1 - p)
 
 with a different random stream (still ``torch``'s default generator, so ``torch.manual_seed`` per rank decides it).
-The backward keeps only the boolean mask, as ``torch.native_dropout`` does.
 
 Two places carry a student's dropout: ``nn.Dropout`` modules (hidden states, and attention probabilities in models
 with their own attention code, e.g. MPNet), and the ``dropout`` argument transformers' SDPA attention passes into
@@ -32,31 +31,21 @@ log = logging.getLogger(__name__)
 ATTENTION_NAME = "sdpa_rand_dropout"
 
 
-class _MaskScale(torch.autograd.Function):
-    """y = x * keep * scale with the boolean ``keep`` as the only saved tensor."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.ops.aten.native_dropout_backward(x, keep, scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (keep,) = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
-
-
 def rand_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)`` with the mask drawn by ``torch.rand``; ``x`` of any shape and float dtype."""
+    """``F.dropout(x, p, training)`` with the mask drawn by ``torch.rand``; ``x`` of any shape and float dtype.
+
+    The noise ``keep / (1 - p)`` is built in place in x's dtype and is what autograd saves for the backward
+    (``dy = dx * noise``), as ``F.dropout`` does on CPU: one multiplication each way.
+    """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return x
     if p == 1.0:
         return x * 0.0
-    keep = torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p  # float32 even for bf16 x: p exact to 2^-24
-    return _MaskScale.apply(x, keep, 1.0 / (1.0 - p))
+    # U in float32 even for bf16 x, so p is exact to 2^-24; ge_ turns it into 1.0 (keep) / 0.0 (drop) in place.
+    noise = torch.rand(x.shape, device=x.device, dtype=torch.float32).ge_(p).to(x.dtype).div_(1.0 - p)
+    return x * noise
 
 
 class RandDropout(nn.Dropout):
@@ -81,7 +70,7 @@ def sdpa_rand_dropout_attention(module: nn.Module, query: torch.Tensor, key: tor
     """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # transformers' default
     plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     if not (module.training and dropout > 0.0 and query.device.type == "cpu" and plain) \
             or (causal and query.shape[2] > 1 and attention_mask is None):
@@ -91,12 +80,14 @@ def sdpa_rand_dropout_attention(module: nn.Module, query: torch.Tensor, key: tor
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    # Scaling the [.., Q, D] query costs less than scaling the [.., Q, K] scores; the matmul's backward needs its
+    # inputs, not its output, so the mask may be applied to the scores in place.
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill_(attention_mask.logical_not(), torch.finfo(scores.dtype).min)
         else:
-            scores = scores + attention_mask
+            scores = scores.add_(attention_mask)
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(rand_dropout(probs, dropout), value)
     return out.transpose(1, 2).contiguous(), None

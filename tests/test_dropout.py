@@ -170,3 +170,17 @@ def test_gradcache_replays_rand_dropout_masks() -> None:
     assert torch.allclose(loss, ref.detach(), atol=1e-6)
     for got, w in zip((p.grad for p in model.parameters()), want, strict=True):
         assert torch.allclose(got, w, atol=1e-6)
+
+
+def test_causal_attention_without_a_mask_is_left_to_sdpa() -> None:
+    """A decoder's causal attention with no mask tensor (transformers passes is_causal instead) keeps its causality."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = _attention_inputs()
+    module = _Attn().train()
+    module.is_causal = True
+    want, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0, scaling=0.3)
+    torch.manual_seed(0)
+    got, _ = sdpa_rand_dropout_attention(module, q, k, v, None, dropout=1e-12, scaling=0.3)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got[:, 0], (v[:, :, 0]), atol=1e-5)  # the first query sees only the first key
