@@ -20,13 +20,10 @@ otherwise. On GPUs the native kernels already draw the mask inside one fused ker
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "sdpa_rand_dropout"
 

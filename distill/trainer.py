@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 DONE_MARKER = "DONE"
 # Keys that may change between a run and its resume without changing what is trained.
 _RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
-                                              "num_threads", "rand_dropout", "skip_phase1", "skip_phase2", "save_to_artifacts")}
+                                              "num_threads", "rand_dropout", "skip_phase1", "skip_phase2",
+                                              "save_to_artifacts")}
 
 
 # --------------------------------------------------------------------------------------------------------------------
