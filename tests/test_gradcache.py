@@ -1,20 +1,25 @@
-"""GradCache (phase2.cached_infonce) must give the gradients of the plain loss, with dropout active."""
+"""GradCache (phase2.cached_infonce) must give the gradients of the plain loss, with dropout active (torch's own and
+training.rand_dropout's, whose torch.rand masks the restored RNG state must replay as well)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from distill.dropout import RandDropout
 from distill.gradcache import cached_backward
 from distill.losses import InfoNCELoss
 
+DROPOUTS = pytest.mark.parametrize("dropout", [nn.Dropout, RandDropout])
+
 
 class DropoutEncoder(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: type[nn.Dropout] = nn.Dropout) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.lin = nn.Linear(12, 8)
-        self.drop = nn.Dropout(0.3)
+        self.drop = dropout(0.3)
 
     def forward(self, chunk: torch.Tensor) -> torch.Tensor:
         return self.drop(torch.tanh(self.lin(chunk)))
@@ -24,13 +29,14 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def test_cached_backward_matches_full_batch_gradients():
+@DROPOUTS
+def test_cached_backward_matches_full_batch_gradients(dropout: type[nn.Dropout]):
     torch.manual_seed(1)
     b, g = 4, 3
     queries, docs = torch.randn(b, 12), torch.randn(b * g, 12)
     doc_ids = torch.arange(b * g)
     loss_fn = InfoNCELoss(temperature=0.05, gather=False)
-    model = DropoutEncoder().train()
+    model = DropoutEncoder(dropout).train()
 
     # Reference: one forward of the whole batch. Dropout draws masks for the queries, then the documents.
     torch.manual_seed(123)
@@ -55,8 +61,9 @@ def test_cached_backward_matches_full_batch_gradients():
     assert any(w.abs().sum() > 0 for w in ref_grads)
 
 
-def test_cached_backward_restores_rng_for_each_chunk_and_continues_the_stream():
-    model = DropoutEncoder().train()
+@DROPOUTS
+def test_cached_backward_restores_rng_for_each_chunk_and_continues_the_stream(dropout: type[nn.Dropout]):
+    model = DropoutEncoder(dropout).train()
     x = torch.randn(6, 12)
     torch.manual_seed(7)
     cached_backward(model, [x[:3], x[3:]], lambda e: (e.sum(), {}))
