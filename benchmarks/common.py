@@ -287,7 +287,8 @@ def measure_gemms(gemms: Sequence[tuple[int, int, int]], dtype: str, threads: in
 
 OP_CATEGORIES = (  # (category, op names); first match wins, anything else under aten:: is "other ops"
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")),
-    ("dropout RNG", ("aten::bernoulli_", "aten::uniform_", "aten::rand", "aten::rand_like", "aten::native_dropout")),
+    ("dropout RNG", ("aten::bernoulli_", "aten::uniform_", "aten::random_", "aten::rand", "aten::rand_like",
+                     "aten::native_dropout")),
     ("dtype casts", ("aten::copy_", "aten::_to_copy", "aten::to")),
     ("optimizer", ("aten::_fused_adamw_", "aten::_foreach_")),
     ("collectives", ("c10d::", "gloo:", "nccl:")),

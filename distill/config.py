@@ -154,14 +154,16 @@ class TrainingConfig:
     skip_phase2: bool = False
     save_to_artifacts: bool = False
     seed: int = 42
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype of the student forward
+    # autocast dtype of the student forward; auto: bf16 where the GPU / CPU multiplies bf16 natively, else fp16 (GPU)
+    # or fp32 (CPU), see distributed.resolve_precision
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     save_steps: int = 500  # checkpoint every N optimizer steps (0: only at phase ends)
     keep_last: int = 2
     logging_steps: int = 10
     max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite losses or gradients
     dist_timeout_s: float = 1800.0  # a collective waiting longer than this on a dead rank fails the run
     compile: bool = False  # torch.compile the student
-    rand_dropout: bool = True  # CPU: dropout masks from torch.rand, 2x faster than F.dropout (distill/dropout.py)
+    rand_dropout: bool = True  # CPU: dropout masks from 15-bit lanes of random_ draws, faster than F.dropout (dropout.py)
     num_threads: int | None = None  # torch intra-op threads per rank on CPU (None: torch's default)
 
     def validate(self) -> None:

@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 DONE_MARKER = "DONE"
 # Keys that may change between a run and its resume without changing what is trained.
 _RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
-                                              "num_threads", "rand_dropout", "skip_phase1", "skip_phase2",
-                                              "save_to_artifacts")}
+                                              "num_threads", "precision", "rand_dropout", "skip_phase1",
+                                              "skip_phase2", "save_to_artifacts")}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class Trainer:
         self.model = DistillModel(self.student, head).to(self.device)
         if self.cfg.training.rand_dropout and self.device.type == "cpu" and not self.cfg.training.compile:
             # inductor draws its own dropout masks inside fused kernels; GPUs have a fused native kernel
-            log.info("CPU dropout through torch.rand: %d dropout modules swapped", use_rand_dropout(self.student))
+            log.info("CPU dropout from random_ bit lanes: %d dropout modules swapped", use_rand_dropout(self.student))
         if self.cfg.training.compile:
             # Compile the backbone's forward method (sentence-transformers calls ``model.forward`` directly, so
             # nn.Module.compile would be bypassed); parameter names, checkpoints and the export stay as they are.
@@ -840,6 +840,13 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
+    precision, why = D.resolve_precision(cfg.training.precision, info.device,
+                                         cached_infonce=cfg.phase2.cached_infonce)
+    if info.is_main and cfg.training.precision == "auto":
+        log.info("training.precision auto -> %s (%s)", precision, why)
+    elif info.is_main and why:
+        log.warning("training.precision %s: %s", precision, why)
+    cfg.training.precision = precision
     if cfg.training.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     seed_everything(cfg.training.seed, info.rank)

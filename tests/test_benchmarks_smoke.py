@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import bench_cache, bench_trainer
+from benchmarks import bench_cache, bench_dropout, bench_trainer
 from benchmarks import common as C
 
 # ---- arithmetic ----
@@ -285,7 +285,7 @@ def test_token_counter_counts_training_forwards_only(tiny_student_dir: Path) -> 
 
 def test_op_category_sorts_profiled_ops() -> None:
     assert C.op_category("aten::addmm") == C.op_category("aten::bmm") == "matmul"
-    assert C.op_category("aten::bernoulli_") == "dropout RNG"
+    assert C.op_category("aten::bernoulli_") == C.op_category("aten::random_") == "dropout RNG"
     assert C.op_category("aten::_to_copy") == C.op_category("aten::copy_") == "dtype casts"
     assert C.op_category("aten::_fused_adamw_") == C.op_category("aten::_foreach_sqrt") == "optimizer"
     assert C.op_category("aten::mmx") == "other ops"  # an exact name, not a prefix
@@ -334,3 +334,23 @@ def test_malloc_preload_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bench_trainer.parse_args(["--malloc", "jemalloc"]).malloc == "jemalloc"
     with pytest.raises(SystemExit):
         bench_trainer.parse_args(["--malloc", "mimalloc"])
+
+
+def test_bench_dropout_times_all_three_methods_on_both_tensors(capsys: pytest.CaptureFixture[str]) -> None:
+    bench_dropout.main(["--texts", "2", "--length", "6", "--hidden", "8", "--heads", "2", "--calls", "1",
+                        "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")]
+    assert len(rows) == 2 * 2 * len(bench_dropout.METHODS)
+    assert "hidden states [12, 8]" in out and "attention probs [2, 2, 6, 6]" in out
+    assert out.count("lanes / torch.rand") == 4
+
+
+def test_bench_dropout_methods_drop_at_rate_p() -> None:
+    """The three methods the script compares all compute dropout (keep rate 1 - p, kept values scaled)."""
+    x = torch.ones(200_000)
+    for name, fn in bench_dropout.METHODS.items():
+        torch.manual_seed(0)
+        y = fn(x, 0.25)
+        assert abs((y > 0).float().mean().item() - 0.75) < 0.005, name
+        assert torch.allclose(y[y > 0], torch.full_like(y[y > 0], 1 / 0.75), rtol=1e-4), name

@@ -272,7 +272,7 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path: Path) -> Non
         ("phase1:\n  batch_size: null\n", 2, ["phase1.batch_size must not be null"]),
         ("phase1: 3\n", 1, ["phase1 must be a mapping, got int"]),
         ("phase1: [1, 2]\n", 1, ["phase1 must be a mapping, got list"]),
-        ("training:\n  precision: bf61\n", 2, ["training.precision must be one of fp32, bf16, fp16", "'bf16'"]),
+        ("training:\n  precision: bf61\n", 2, ["training.precision must be one of auto, fp32, bf16, fp16", "'bf16'"]),
     ],
 )
 def test_wrong_types(tmp_path: Path, text: str, line: int, expected: list[str]) -> None:

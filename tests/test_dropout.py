@@ -1,32 +1,74 @@
-"""training.rand_dropout: dropout whose mask comes from torch.rand, with nn.Dropout's maths, and a student whose
-dropout modules and SDPA attention use it computes what the stock student computes."""
+"""training.rand_dropout: dropout whose mask comes from 15-bit lanes of int64 ``random_`` draws, with nn.Dropout's
+maths, and a student whose dropout modules and SDPA attention use it computes what the stock student computes."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from tiny_models import build_tiny_student
 from torch import nn
 
-from distill.dropout import ATTENTION_NAME, RandDropout, rand_dropout, sdpa_rand_dropout_attention, use_rand_dropout
+from distill.dropout import (
+    ATTENTION_NAME,
+    RandDropout,
+    keep_noise,
+    rand_dropout,
+    sdpa_rand_dropout_attention,
+    use_rand_dropout,
+)
 
 TEXTS = ["a short one", "somewhat longer text with several more words in it", "x",
          "the longest of them all by a clear margin, with many words and some punctuation too!"]
 
 
-def test_rand_dropout_is_mask_times_scale_with_the_mask_of_torch_rand() -> None:
+def _lane_keep(shape: tuple[int, ...], p: float, seed: int) -> tuple[torch.Tensor, float]:
+    """The keep mask and keep probability of seed ``seed``, from the int64 draws by shifts (no tensor views)."""
+    torch.manual_seed(seed)
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+    lanes = torch.stack([(words >> (16 * i)) & 0x7FFF for i in range(4)], dim=1).flatten()[:n]
+    t = round(p * 32768)
+    return (lanes >= t).view(shape), 1 - t / 32768
+
+
+def test_rand_dropout_is_mask_times_scale_with_the_mask_of_the_lanes() -> None:
     x = torch.randn(3, 5, 7, requires_grad=True)
     torch.manual_seed(7)
     y = rand_dropout(x, 0.25)
-    torch.manual_seed(7)
-    keep = torch.rand(3, 5, 7) >= 0.25
-    assert 0 < keep.sum() < keep.numel()
+    keep, q = _lane_keep((3, 5, 7), 0.25, 7)
+    assert q == 0.75 and 0 < keep.sum() < keep.numel()
     assert torch.equal(y == 0, ~keep)
-    assert torch.allclose(y, x.detach() * keep / 0.75, rtol=1e-6, atol=0)
+    assert torch.allclose(y, x.detach() * keep / q, rtol=1e-6, atol=0)
     y.backward(torch.full_like(y, 2.0))
-    assert torch.allclose(x.grad, 2.0 * keep / 0.75)
+    assert torch.allclose(x.grad, 2.0 * keep / q)
+
+
+def test_p_is_rounded_to_the_lane_grid_and_the_scale_keeps_the_mean_exact() -> None:
+    torch.manual_seed(2)
+    noise = keep_noise((10,), 0.1, torch.float64)
+    t = round(0.1 * 32768)  # 3277: P(drop) = 0.100006
+    assert set(noise.unique().tolist()) <= {0.0, 32768 / (32768 - t)}
+    keep, _ = _lane_keep((10,), 0.1, 2)
+    assert torch.equal(noise > 0, keep)
+    assert torch.equal(keep_noise((3,), 0.99999, torch.float32), torch.zeros(3))  # rounds to p = 1
+
+
+def test_every_lane_is_uniform() -> None:
+    """The four 16-bit lanes of the 63-bit draws, masked to 15 bits, are each uniform on [0, 2^15) (the top lane's
+    16th bit is the one that is always 0)."""
+    torch.manual_seed(0)
+    words = torch.empty(400_000, dtype=torch.int64).random_()
+    assert (words >= 0).all() and (words >= 2**62).any()  # 63 random bits, not 31
+    lanes = words.view(torch.int16).view(-1, 4)
+    for i in range(4):
+        lane = lanes[:, i].bitwise_and(0x7FFF).double()
+        assert abs(lane.mean().item() / 16383.5 - 1) < 0.005, i  # ~8 standard deviations
+        assert abs((lane >= 3277).double().mean().item() - 0.9) < 0.004, i
+        counts = torch.bincount(lanes[:, i].bitwise_and(0x7FFF).long() >> 11, minlength=16).double()
+        assert (counts / counts.mean() - 1).abs().max() < 0.03, i  # 16 buckets of the top bits, each ~25,000
 
 
 def test_rand_dropout_keeps_one_minus_p_and_the_mean() -> None:
@@ -41,7 +83,7 @@ def test_rand_dropout_bf16_input_keeps_dtype_and_exact_scale() -> None:
     torch.manual_seed(1)
     y = rand_dropout(x, 0.5)
     assert y.dtype == torch.bfloat16
-    assert set(y.float().unique().tolist()) == {0.0, 2.0}
+    assert set(y.float().unique().tolist()) == {0.0, 2.0}  # p = 0.5 is on the grid: q = 0.5 exactly
 
 
 def test_rand_dropout_edge_cases() -> None:
@@ -85,14 +127,13 @@ def test_attention_maths_path_matches_sdpa(mask_kind: str, kv_heads: int) -> Non
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_attention_drops_probabilities_with_the_torch_rand_mask() -> None:
+def test_attention_drops_probabilities_with_the_lane_mask() -> None:
     q, k, v = _attention_inputs()
     module = _Attn().train()
     torch.manual_seed(5)
     got, _ = sdpa_rand_dropout_attention(module, q, k, v, None, dropout=0.2, scaling=0.5)
-    torch.manual_seed(5)
-    keep = torch.rand(2, 4, 5, 5) >= 0.2
-    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) * keep / 0.8
+    keep, keep_p = _lane_keep((2, 4, 5, 5), 0.2, 5)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) * keep / keep_p
     assert torch.allclose(got, (probs @ v).transpose(1, 2), atol=1e-6)
     eval_out, _ = sdpa_rand_dropout_attention(module.eval(), q, k, v, None, dropout=0.0, scaling=0.5)
     assert not torch.allclose(eval_out, got, atol=1e-3)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_data import tiny_config_yaml, write_training_files
 from tiny_models import REPO_ROOT, run_torchrun
+
+from distill.distributed import resolve_precision
 
 
 def train_single(config: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -71,8 +72,8 @@ def test_projection_two_ranks_trains_both_phases(projection_run):
     assert json.loads((run_dir / "DONE").read_text()) == {"phases": [1, 2]}
     # Two ranks: the global batch is twice the per-rank batch.
     assert "global batch 16" in log
-    # CPU training draws dropout masks with torch.rand (training.rand_dropout): every nn.Dropout of the student swapped.
-    swapped = re.search(r"CPU dropout through torch.rand: (\d+) dropout modules swapped", log)
+    # CPU training draws dropout masks from random_ bit lanes (training.rand_dropout): every nn.Dropout of the student swapped.
+    swapped = re.search(r"CPU dropout from random_ bit lanes: (\d+) dropout modules swapped", log)
     assert swapped and int(swapped.group(1)) > 0
 
 
@@ -119,9 +120,14 @@ def test_mrl_two_ranks(mrl_run):
 def test_skip_phase1_reuses_phase1_result(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):
     cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files,
                            extra="")
-    res = train_single(cfg, "--set", "training.skip_phase2=true", "--set", "phase1.num_epochs=1")
+    res = train_single(cfg, "--set", "training.skip_phase2=true", "--set", "phase1.num_epochs=1",
+                       "--set", "training.precision=auto")
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "out" / "distilled-model-48d-tiny"
+    # precision auto: the choice for this machine is logged and is what the run dir's config records.
+    chosen, _ = resolve_precision("auto", torch.device("cpu"))
+    assert f"training.precision auto -> {chosen} (" in res.stderr
+    assert f"precision: {chosen}" in (run_dir / "config.yaml").read_text()
     phase1 = load_file(str(run_dir / "phase1" / "model.safetensors"))
     # Phase 2 alone, with a learning rate so small the weights cannot move: the result must be phase 1's weights.
     res = train_single(cfg, "--set", "training.skip_phase1=true", "--set", "phase2.learning_rate=1.0e-12",
