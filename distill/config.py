@@ -49,7 +49,9 @@ class ModelConfig:
     teacher_query_prompt: str | None = None  # None: the teacher's saved "query" prompt (else none)
     teacher_document_prompt: str | None = None
     teacher_max_length: int | None = None  # None: the phase's max_length
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 where the hardware multiplies it natively (bf16 GPUs, AVX512-BF16 / AMX CPUs), else fp16 on GPUs
+    # and fp32 on CPUs
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     teacher_batch_size: int = 32
     matryoshka_dims: list[int] = field(default_factory=lambda: [768, 512, 256, 128, 64])
     matryoshka_weights: list[float] | None = None  # None: all 1

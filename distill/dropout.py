@@ -51,7 +51,11 @@ def keep_noise(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # uniform on [0, 2^63)
     lanes = words.view(torch.int16)[:n].view(shape)
     keep = lanes.bitwise_and_((1 << LANE_BITS) - 1).ge_(t)  # 1 / 0 in int16, in place
-    return keep.to(dtype).mul_((1 << LANE_BITS) / ((1 << LANE_BITS) - t))
+    scale = (1 << LANE_BITS) / ((1 << LANE_BITS) - t)
+    if dtype.itemsize == 2 and dtype.is_floating_point:
+        # bf16 / fp16: keep * (the 16 bits of the scale) is the noise's bit pattern, built in place with no conversion.
+        return keep.mul_(torch.tensor(scale, dtype=dtype).view(torch.int16).item()).view(dtype)
+    return keep.to(dtype).mul_(scale)
 
 
 def rand_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

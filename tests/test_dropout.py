@@ -56,6 +56,16 @@ def test_p_is_rounded_to_the_lane_grid_and_the_scale_keeps_the_mean_exact() -> N
     assert torch.equal(keep_noise((3,), 0.99999, torch.float32), torch.zeros(3))  # rounds to p = 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_noise_in_every_dtype_is_keep_times_the_rounded_scale(dtype: torch.dtype) -> None:
+    """16-bit noise is built from the scale's bit pattern; it must equal keep * scale rounded to the dtype."""
+    torch.manual_seed(4)
+    noise = keep_noise((6, 50), 0.1, dtype)
+    keep, q = _lane_keep((6, 50), 0.1, 4)
+    assert noise.dtype == dtype and noise.shape == (6, 50)
+    assert torch.equal(noise, keep.to(dtype) * torch.tensor(1 / q, dtype=dtype))
+
+
 def test_every_lane_is_uniform() -> None:
     """The four 16-bit lanes of the 63-bit draws, masked to 15 bits, are each uniform on [0, 2^15) (the top lane's
     16th bit is the one that is always 0)."""

@@ -64,3 +64,20 @@ def test_auto_on_gpus(monkeypatch, bf16, cached, want):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert D.resolve_precision("auto", CUDA, cached_infonce=cached)[0] == want
     assert D.resolve_precision("fp32", CUDA) == ("fp32", "")
+
+
+@pytest.mark.parametrize("native, want", [(True, "bfloat16"), (False, "float32")])
+def test_teacher_dtype_auto_on_cpu_follows_native_bf16(cpu, tiny_teacher_dir, native, want):
+    from distill.models import resolve_teacher_spec
+
+    cpu(amx=native)
+    assert resolve_teacher_spec(str(tiny_teacher_dir), dtype="auto", device=CPU).dtype == want
+    assert resolve_teacher_spec(str(tiny_teacher_dir), dtype="float32", device=CPU).dtype == "float32"
+
+
+@pytest.mark.parametrize("bf16, want", [(True, "bfloat16"), (False, "float16")])
+def test_teacher_dtype_auto_on_gpus(monkeypatch, tiny_teacher_dir, bf16, want):
+    from distill.models import resolve_teacher_spec
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_teacher_spec(str(tiny_teacher_dir), dtype="auto", device=CUDA).dtype == want
