@@ -5,8 +5,8 @@ Twister (torch's CPU generator, not multithreaded) per element plus a float conv
 0.1 dropout on every hidden state and attention matrix, that alone was 11-21 % of a training step on this project's
 2-core CPU machines (docs/PERFORMANCE.md). Here each 64-bit draw of ``random_`` on int64 (uniform on [0, 2^63))
 gives four masks: its four 16-bit lanes, each cut to its low 15 bits (the top lane's 16th bit is always 0), are four
-independent uniform integers L on [0, 2^15). Forward + backward of a dropout runs 1.6-2.6x faster than with a
-``torch.rand(...) >= p`` mask and 2.4-3.6x faster than ``F.dropout`` (``benchmarks/bench_dropout.py``, student-sized
+independent uniform integers L on [0, 2^15). Forward + backward of a dropout runs 1.9-2.7x faster than with a
+``torch.rand(...) >= p`` mask and 2.2-3.6x faster than ``F.dropout`` (``benchmarks/bench_dropout.py``, student-sized
 tensors, fp32 and bf16). The maths is ``nn.Dropout``'s with p on a 2^-15 grid:
 
     t = round(p * 2^15),  keep = L >= t   (P(keep) = q = 1 - t / 2^15, |q - (1 - p)| <= 2^-16)
