@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=1, help="processes (1: python train_ddp.py, >1: torchrun)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default: cores // nproc, at least 1)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="student autocast (default bf16)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="student autocast (default auto: bf16 on CPUs with AVX512-BF16/AMX, else fp32)")
     p.add_argument("--repeats", type=int, default=1,
                    help="repeat the three runs (cold cache wiped each time) and keep each run's fastest (default 1)")
     p.add_argument("--models-dir", type=Path, default=C.DEFAULT_MODELS)

@@ -162,6 +162,7 @@ def test_bench_cache_args_and_runs(tmp_path: Path) -> None:
     assert f"paths.cache_dir={tmp_path / 'cached' / 'cache'}" in cold
     assert f"paths.cache_dir={tmp_path / 'no-cache' / 'cache'}" in nocache
     assert "phase2.num_epochs=2" in cold and "training.num_threads=1" in cold
+    assert "training.precision=auto" in cold  # the default: the precision the trainer picks for this CPU
 
 
 def test_inloop_teacher_texts() -> None:
