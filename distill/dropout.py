@@ -25,6 +25,7 @@ otherwise. On GPUs the native kernels already draw the mask inside one fused ker
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -54,8 +55,14 @@ def keep_noise(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype
     scale = (1 << LANE_BITS) / ((1 << LANE_BITS) - t)
     if dtype.itemsize == 2 and dtype.is_floating_point:
         # bf16 / fp16: keep * (the 16 bits of the scale) is the noise's bit pattern, built in place with no conversion.
-        return keep.mul_(torch.tensor(scale, dtype=dtype).view(torch.int16).item()).view(dtype)
+        return keep.mul_(_bits16(scale, dtype)).view(dtype)
     return keep.to(dtype).mul_(scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _bits16(value: float, dtype: torch.dtype) -> int:
+    """The bit pattern of ``value`` rounded to the 16-bit float ``dtype``, as an int16 value."""
+    return int(torch.tensor(value, dtype=dtype).view(torch.int16).item())
 
 
 def rand_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
