@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from distill.distributed import cpu_has_native_bf16
+from distill.distributed import resolve_precision
 from distill.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -152,12 +152,10 @@ def resolve_teacher_spec(
         normalize = True if normalize is None else normalize
         query_prompt = query_prompt or ""
         document_prompt = document_prompt or ""
-    if dtype == "auto":  # the fastest dtype the hardware multiplies natively (emulated bf16 is 2-4x slower than fp32)
-        on_gpu = (device.type == "cuda") if device is not None else torch.cuda.is_available()
-        if on_gpu:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    if dtype == "auto":  # the student's rule (training.precision: auto): what the hardware multiplies natively
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[resolve_precision("auto", device)[0]]
     return TeacherSpec(
         name=name, revision=revision, backend=backend, pooling=pooling, normalize=bool(normalize),
         query_prompt=query_prompt, document_prompt=document_prompt, max_length=max_length, dtype=dtype,
