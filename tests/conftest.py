@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+# huggingface_hub and datasets read these once, when first imported (here, or while collecting a test module): set
+# after that, by a fixture, they change nothing, and a Hub id then costs minutes of HTTP retries with backoff.
+os.environ.update(dict.fromkeys(_OFFLINE_VARS, "1"))
 
 _TESTS_DIR = Path(__file__).resolve().parent
 for _p in (str(_TESTS_DIR), str(_TESTS_DIR.parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from tiny_models import build_tiny_student, build_tiny_teacher
-
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+from tiny_models import build_tiny_student, build_tiny_teacher  # noqa: E402  (after the offline variables)
 
 
 def pytest_configure(config: pytest.Config) -> None:
