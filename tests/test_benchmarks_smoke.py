@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import bench_cache, bench_dropout, bench_trainer
+from benchmarks import bench_cache, bench_compile, bench_dropout, bench_trainer
 from benchmarks import common as C
 
 # ---- arithmetic ----
@@ -355,3 +355,27 @@ def test_bench_dropout_methods_drop_at_rate_p() -> None:
         y = fn(x, 0.25)
         assert abs((y > 0).float().mean().item() - 0.75) < 0.005, name
         assert torch.allclose(y[y > 0], torch.full_like(y[y > 0], 1 / 0.75), rtol=1e-4), name
+
+
+def test_bench_compile_eager_ways_and_argument_errors(tiny_student_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The eager ways on the tiny student (the compiled ways cost minutes of compiling: the script, not the tests,
+    runs them); lanes swap the student's dropout, the stock way keeps it; unknown names are errors."""
+    from distill.dropout import RandDropout
+
+    stock, _ = bench_compile.load_student(tiny_student_dir, "eager-bernoulli")
+    lanes, _ = bench_compile.load_student(tiny_student_dir, "eager-lanes")
+    assert not any(isinstance(m, RandDropout) for m in stock.modules())
+    assert any(isinstance(m, RandDropout) for m in lanes.modules()) and lanes.training
+    rows = bench_compile.main(["--student", str(tiny_student_dir), "--ways", "eager-bernoulli,eager-lanes",
+                               "--dtypes", "fp32,bf16", "--texts", "2", "--length", "6", "--steps", "1",
+                               "--repeats", "1"])
+    assert [(r["dtype"], r["way"]) for r in rows] == [("fp32", "eager-bernoulli"), ("fp32", "eager-lanes"),
+                                                      ("bf16", "eager-bernoulli"), ("bf16", "eager-lanes")]
+    assert all(r["ms / step"] > 0 and r["first step s"] > 0 for r in rows)
+    assert {r["speed vs eager-lanes"] for r in rows if r["way"] == "eager-lanes"} == {"1.00x"}
+    assert "| bf16 | eager-bernoulli |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--ways: unknown \\['compile'\\]"):
+        bench_compile.main(["--student", str(tiny_student_dir), "--ways", "eager-lanes,compile"])
+    with pytest.raises(SystemExit, match="--dtypes: unknown \\['fp16'\\]"):
+        bench_compile.main(["--student", str(tiny_student_dir), "--dtypes", "fp16"])
