@@ -27,8 +27,9 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -68,6 +69,7 @@ def make_step(model: torch.nn.Module, forward: Callable[..., object], batch: dic
 
 
 def seconds(fn: Callable[[], None], calls: int = 1) -> float:
+    """Mean seconds per call of ``fn`` over ``calls`` calls."""
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     rows = []
     with contextlib.ExitStack() as stack:
         cache = args.inductor_cache or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inductor-")))
-        stack.enter_context(_env("TORCHINDUCTOR_CACHE_DIR", str(cache)))
+        stack.enter_context(mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": str(cache)}))
         for dt in dtypes:
             torch._dynamo.reset()
             steps, first = {}, {}
@@ -131,19 +133,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     print()
     print(format_table(rows, ["dtype", "way", "first step s", "ms / step", f"speed vs {BASE}"]))
     return rows
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 if __name__ == "__main__":
