@@ -15,7 +15,7 @@ steady milliseconds per step (the best of ``--repeats`` windows of ``--steps`` s
 after two warm-up steps each) and each way's speed against ``eager-lanes``. In bf16 the forward runs
 under CPU autocast, as the trainer's ``precision: bf16``.
 
-    python benchmarks/bench_compile.py                              # fp32, 32 texts x 64 tokens; ~5 min on 2 cores
+    python benchmarks/bench_compile.py                              # fp32, 32 texts x 64 tokens; ~6 min on 2 cores
     python benchmarks/bench_compile.py --dtypes fp32,bf16           # bf16 only means something where CPUs have it
 """
 
@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         cache = args.inductor_cache or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inductor-")))
         stack.enter_context(mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": str(cache)}))
         for dt in dtypes:
-            torch._dynamo.reset()
+            torch._dynamo.reset()  # the compiled ways of each dtype compile from scratch
             steps, first = {}, {}
             for way in ways:  # build and warm up every way, then time them in turns
                 torch.manual_seed(0)
                 model, forward = load_student(student, way)
-                batch = {"input_ids": torch.randint(model.config.vocab_size // 10, model.config.vocab_size,
-                                                            (args.texts, args.length)),
+                vocab = model.config.vocab_size
+                batch = {"input_ids": torch.randint(vocab // 10, vocab, (args.texts, args.length)),
                          "attention_mask": torch.ones(args.texts, args.length, dtype=torch.long)}
                 steps[way] = make_step(model, forward, batch, torch.randn(args.texts, model.config.hidden_size),
                                        DTYPES[dt])
