@@ -74,13 +74,13 @@ def _read_model_file(name: str, filename: str, revision: str | None) -> dict[str
 
     try:
         path = hf_hub_download(name, filename, revision=revision)
-    except EntryNotFoundError:
-        return None
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # first: in huggingface_hub >= 1.0 it subclasses EntryNotFoundError
         raise ConfigError(
             f"model: cannot read {filename} of '{name}': not a local folder and not reachable on the Hub "
-            f"(offline, not in the HF cache?): {e}".splitlines()[0]
+            f"(offline, not in the HF cache? set HF_HUB_OFFLINE=1 on machines without internet): {e}".splitlines()[0]
         ) from None
+    except EntryNotFoundError:  # the Hub answered: the repo has no such file
+        return None
     except Exception as e:  # noqa: BLE001 - the Hub client raises many types; the user needs the message
         raise ConfigError(f"model: cannot read {filename} of '{name}': {type(e).__name__}: {e}".splitlines()[0]) from None
     return json.loads(Path(path).read_text(encoding="utf-8"))
