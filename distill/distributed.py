@@ -178,8 +178,7 @@ def shutdown() -> None:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX; Arm's BF16 extension).
 
-    Without it oneDNN emulates bf16 matmuls through fp32 and they run 3-4x *slower* than fp32 ones (measured on an
-    Ice Lake Xeon: 2048^2 matmul fp32 227, bf16 61 GFLOP/s; training 0.32-0.36x as fast as in fp32).
+    Without it bf16 matmuls are emulated and run *slower* than fp32 ones: see :func:`emulated_bf16_cost`.
     """
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
@@ -191,6 +190,19 @@ def cpu_has_native_bf16() -> bool:
                        for line in f)
     except OSError:
         return False
+
+
+def emulated_bf16_cost() -> str:
+    """How much slower than fp32 bf16 runs on a CPU without native bf16, by the vector unit torch uses, as measured
+    (torch 2.13, 2 cores): AVX-512 3-4x (Ice Lake Xeon: 2048^2 matmul fp32 227, bf16 61 GFLOP/s; training 0.32-0.36x
+    as fast as fp32), AVX2 only ~30x for a training step and ~400x for a large matmul (EPYC without AVX-512: matmul
+    fp32 125, bf16 0.3 GFLOP/s; all-MiniLM-L6-v2 training step 1.03 s fp32, 29.3 s bf16)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "3-4x slower than fp32"
+    if capability == "AVX2":
+        return "~30x slower than fp32 for a training step (~400x for a large matmul)"
+    return "slower than fp32"
 
 
 def resolve_precision(requested: str, device: torch.device, *, cached_infonce: bool = False) -> tuple[str, str]:
@@ -211,8 +223,8 @@ def resolve_precision(requested: str, device: torch.device, *, cached_infonce: b
     native = cpu_has_native_bf16()
     if requested == "auto":
         return ("bf16", "the CPU has AVX512-BF16 / AMX") if native else \
-            ("fp32", "the CPU has no AVX512-BF16 / AMX, where bf16 matmuls run emulated, ~3x slower than fp32")
+            ("fp32", f"the CPU has no AVX512-BF16 / AMX, where bf16 matmuls run emulated, {emulated_bf16_cost()}")
     if requested == "bf16" and not native:
-        return "bf16", ("the CPU has no AVX512-BF16 / AMX: bf16 matmuls run emulated, ~3x slower than fp32; "
+        return "bf16", (f"the CPU has no AVX512-BF16 / AMX: bf16 matmuls run emulated, {emulated_bf16_cost()}; "
                         "set training.precision to auto or fp32")
     return requested, ""

@@ -58,6 +58,17 @@ def test_explicit_bf16_on_cpu_without_it_is_kept_with_a_warning(cpu):
     assert D.resolve_precision("bf16", CPU) == ("bf16", "")
 
 
+@pytest.mark.parametrize("capability, cost", [("AVX512", "3-4x slower"), ("AVX2", "~30x slower"),
+                                              ("DEFAULT", "slower than fp32")])
+def test_the_warning_states_the_cost_measured_for_this_vector_unit(cpu, monkeypatch, capability, cost):
+    cpu()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert D.emulated_bf16_cost().startswith(cost)
+    assert cost in D.resolve_precision("bf16", CPU)[1] and cost in D.resolve_precision("auto", CPU)[1]
+    cpu(avx512_bf16=True)
+    assert D.resolve_precision("bf16", CPU) == ("bf16", "")
+
+
 @pytest.mark.parametrize("bf16, cached, want", [(True, False, "bf16"), (True, True, "bf16"), (False, False, "fp16"),
                                                 (False, True, "fp32")])
 def test_auto_on_gpus(monkeypatch, bf16, cached, want):
