@@ -23,8 +23,11 @@ student's own linear-layer matmuls (forward, input and weight gradients) at the 
 Also the first optimizer step's time (allocations, kernel selection, compilation) and samples/s after it.
 
 Our configurations: fp32, bf16, bf16 with GradCache, fp32 / bf16 with ``training.compile``, and (not by default)
-fp32 / bf16 with torch's own ``bernoulli_`` dropout instead of ``training.rand_dropout``. ``--profile`` runs
-each uncompiled one once more under ``torch.profiler`` and prints the share of its loop time per kind of op.
+fp32 / bf16 with torch's own ``bernoulli_`` dropout instead of ``training.rand_dropout`` (``-bernoulli``), and
+without page reuse (``-faulting``: ``training.sparse_embedding_grad`` and ``training.keep_freed_memory`` off, so a
+dense word-embedding gradient per forward and glibc's default malloc thresholds). Every row also gives the minor page
+faults per optimizer step. ``--profile`` runs each uncompiled one once more under ``torch.profiler`` and prints the
+share of its loop time per kind of op.
 
     python benchmarks/bench_trainer.py                       # ~8 min on 2 cores
     python benchmarks/bench_trainer.py --max-train 256 --steps1 8 --steps2 6 --repeats 2 --profile --json out.json
@@ -55,6 +58,7 @@ class Variant(NamedTuple):
     cached_infonce: bool  # phase2.cached_infonce
     compile: bool  # training.compile
     rand_dropout: bool = True  # training.rand_dropout (ours); ST always runs torch's own dropout
+    page_reuse: bool = True  # training.sparse_embedding_grad and training.keep_freed_memory (ours)
 
 
 VARIANTS = {
@@ -65,6 +69,8 @@ VARIANTS = {
     "ours-bf16-compile": Variant("ours", "bf16", False, True),
     "ours-fp32-bernoulli": Variant("ours", "fp32", False, False, rand_dropout=False),
     "ours-bf16-bernoulli": Variant("ours", "bf16", False, False, rand_dropout=False),
+    "ours-fp32-faulting": Variant("ours", "fp32", False, False, page_reuse=False),
+    "ours-bf16-faulting": Variant("ours", "bf16", False, False, page_reuse=False),
     "st-fp32": Variant("st", "fp32", False, False),
     "st-bf16": Variant("st", "bf16", False, False),
 }
@@ -122,12 +128,21 @@ def run_sets(args: argparse.Namespace, work: Path, name: str) -> list[str]:
             f"phase2.cached_infonce={'true' if variant.cached_infonce else 'false'}",
             f"phase2.mini_batch_size={args.mini_batch}", f"training.compile={'true' if variant.compile else 'false'}",
             f"training.rand_dropout={'true' if variant.rand_dropout else 'false'}",
+            f"training.sparse_embedding_grad={'true' if variant.page_reuse else 'false'}",
+            f"training.keep_freed_memory={'true' if variant.page_reuse else 'false'}",
             f"paths.output_dir={work / 'runs' / name}", f"paths.cache_dir={work / 'cache'}"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Measurement inside a worker
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far: first touches of fresh pages (getrusage's ru_minflt)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class TokenCounter:
@@ -178,7 +193,7 @@ class TokenCounter:
 
     def begin(self, phase: str) -> None:
         self.phases[phase] = {"real_tokens": 0, "sq_tokens": 0, "padded_tokens": 0, "rows": 0, "forwards": 0,
-                              "first_step_s": None}
+                              "first_step_s": None, "minor_faults": -minor_page_faults()}
         self.phase, self.t0 = phase, time.perf_counter()
 
     def step_done(self) -> None:
@@ -190,6 +205,7 @@ class TokenCounter:
     def end(self, steps: int, samples: int) -> None:
         rec = self.phases[self.phase]
         rec.update(loop_s=time.perf_counter() - self.t0, steps=steps, samples=samples)
+        rec["minor_faults"] += minor_page_faults()
         self.phase = None
 
 
@@ -423,6 +439,7 @@ def phase_row(name: str, system: str, precision: str, phase: str, rec: dict[str,
         "tokens_per_forward": tokens_per_forward(rec),
         "pct_shape_peak": 100.0 * flops / shape_peak if shape_peak else None,
         "teacher_passes": rec.get("teacher_passes", 0), "label_texts": rec.get("label_texts"),
+        "page_faults_per_step": rec["minor_faults"] / rec["steps"] if rec.get("minor_faults") is not None else None,
         "peak_rss_mb": result["peak_rss_mb"], "cuda_peak_mb": result.get("cuda_peak_mb"),
     }
 
@@ -509,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["config", "phase", "steps", "loop_s", "first_step_s", "samples_per_s", "steady_samples_per_s",
                "texts_per_s", "real_tokens_per_s",
                "padding_eff", "gflop_s", "pct_peak", "tokens_per_forward", "pct_shape_peak", "teacher_passes",
-               "peak_rss_mb"]
+               "page_faults_per_step", "peak_rss_mb"]
     print()
     print(C.format_table(rows, columns))
     if args.repeats > 1:
@@ -605,6 +622,10 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for phase in ("phase1", "phase2"):
             ratios[f"ours rand/bernoulli dropout {prec} {phase}"] = C.ratio(
                 sps(f"ours-{prec}", phase), sps(f"ours-{prec}-bernoulli", phase))
+    for prec in ("fp32", "bf16"):
+        for phase in ("phase1", "phase2", None):
+            ratios[f"ours page reuse/faulting {prec} {phase or 'both'}"] = C.ratio(
+                sps(f"ours-{prec}", phase), sps(f"ours-{prec}-faulting", phase))
     lines = [f"{k:44s} {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()]
     return {"ratios": ratios, "lines": lines}
 

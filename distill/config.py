@@ -167,6 +167,9 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the student
     rand_dropout: bool = True  # CPU: dropout masks from 15-bit lanes of random_ draws, faster than F.dropout (dropout.py)
     num_threads: int | None = None  # torch intra-op threads per rank on CPU (None: torch's default)
+    # CPU: the word-embedding gradient as sparse rows added into one kept dense buffer (models.DistillModel)
+    sparse_embedding_grad: bool = True
+    keep_freed_memory: bool = True  # CPU, Linux/glibc: malloc reuses freed pages (distributed.keep_freed_memory)
 
     def validate(self) -> None:
         if self.skip_phase1 and self.skip_phase2:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.distributed import resolve_precision
@@ -370,11 +371,18 @@ class DistillModel(nn.Module):
     keep padding low without calling the DDP module more than once per backward.
     """
 
-    def __init__(self, student: nn.Module, head: nn.Sequential | None):
+    def __init__(self, student: nn.Module, head: nn.Sequential | None, *, sparse_table_grad: bool = False):
         super().__init__()
         self.student = student
         self.head = head
         self._lookup_once: bool | None = None  # see _look_up_tokens_once
+        # Word-embedding gradient as sparse rows (see _look_up_tokens_once); the caller keeps a dense .grad on the
+        # table before each backward, so the rows are added into it in place.
+        self.sparse_table_grad = sparse_table_grad
+
+    def token_table(self) -> nn.Embedding | None:
+        """The student's word-embedding table when forwards look tokens up here (see _look_up_tokens_once)."""
+        return _token_embedding_table(self.student)
 
     def student_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's own sentence embedding [b, student_dim], before any head."""
@@ -387,7 +395,7 @@ class DistillModel(nn.Module):
         return out
 
     def forward(self, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        if len(chunks) > 1:
+        if len(chunks) > 1 or self.sparse_table_grad:
             chunks = self._look_up_tokens_once(chunks)
         return torch.cat([self.embed(c) for c in chunks], dim=0)
 
@@ -399,13 +407,22 @@ class DistillModel(nn.Module):
         phase-2 step on CPU with 9 chunks. One lookup makes it one buffer per forward; the model then adds position
         and type embeddings to ``inputs_embeds`` as it would to its own lookup. Models without a plain
         ``nn.Embedding`` input table or an ``inputs_embeds`` argument keep the per-chunk lookup.
+
+        With ``sparse_table_grad`` (also for a single chunk) the lookup's backward is sparse: the gradient rows of the
+        n looked-up tokens [n, hidden], which autograd adds in place into the table's dense ``.grad`` when one exists
+        (``dense += sparse``), instead of a fresh, zero-filled [vocab, hidden] tensor per forward: on CPU each fresh
+        47 MB buffer costs ~11,500 page faults, 14 % of a bf16 phase-1 step (docs/PERFORMANCE.md). The sum is the
+        same; DDP reads the dense ``.grad`` after accumulation. Without a dense ``.grad`` autograd would store the
+        sparse tensor itself, which AdamW cannot use: the trainer keeps one.
         """
         if self._lookup_once is None:  # a property of the student: checked on the first forward
             self._lookup_once = _token_embedding_table(self.student) is not None
         if not self._lookup_once:
             return chunks
         table = backbone(self.student).get_input_embeddings()
-        flat = table(torch.cat([c["input_ids"].reshape(-1) for c in chunks]))
+        ids = torch.cat([c["input_ids"].reshape(-1) for c in chunks])
+        flat = F.embedding(ids, table.weight, table.padding_idx, table.max_norm, table.norm_type,
+                           table.scale_grad_by_freq, sparse=table.sparse or self.sparse_table_grad)
         out, start = [], 0
         for c in chunks:
             n = c["input_ids"].numel()

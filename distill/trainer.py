@@ -50,7 +50,8 @@ DONE_MARKER = "DONE"
 # Keys that may change between a run and its resume without changing what is trained.
 _RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
                                               "num_threads", "precision", "rand_dropout", "skip_phase1",
-                                              "skip_phase2", "save_to_artifacts")}
+                                              "skip_phase2", "save_to_artifacts", "sparse_embedding_grad",
+                                              "keep_freed_memory")}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -154,7 +155,8 @@ class Trainer:
         check_dims(m, self.student, None)
         head = build_projection_head(m.student_dim, m.projection_hidden_dim, m.teacher_dim, self.cfg.training.seed) \
             if m.use_projection else None
-        self.model = DistillModel(self.student, head).to(self.device)
+        sparse = self.cfg.training.sparse_embedding_grad and self.device.type == "cpu"
+        self.model = DistillModel(self.student, head, sparse_table_grad=sparse).to(self.device)
         if self.cfg.training.rand_dropout and self.device.type == "cpu" and not self.cfg.training.compile:
             # inductor draws its own dropout masks inside fused kernels; GPUs have a fused native kernel
             log.info("CPU dropout from random_ bit lanes: %d dropout modules swapped", use_rand_dropout(self.student))
@@ -590,6 +592,7 @@ class _PhaseRunner:
         self.padded_tokens = 0
         self.consecutive_nonfinite = 0
         self.name = f"phase{phase}"
+        self._table_grad: torch.Tensor | None = None  # see _keep_table_grad
 
     @property
     def ddp(self) -> nn.Module:
@@ -665,6 +668,8 @@ class _PhaseRunner:
         model = self.ddp
         is_ddp = isinstance(model, (DDP, _HeadOnly)) and D.is_distributed()
         cached = self.phase == 2 and tr.cfg.phase2.cached_infonce
+        if self.state.step >= self.head_only_steps:
+            self._keep_table_grad()
         for j, batch in enumerate(group):
             last = j == len(group) - 1
             if cached:
@@ -687,6 +692,19 @@ class _PhaseRunner:
             self.real_tokens += real
             self.padded_tokens += padded
         return loss_sum, terms_sum, n
+
+    def _keep_table_grad(self) -> None:
+        """Give the word-embedding table a zeroed dense ``.grad`` before a step's backward when the model sends it
+        sparse gradient rows (``DistillModel.sparse_table_grad``): autograd adds them into it in place. The same
+        buffer serves every step (``zero_grad`` drops the reference, this restores it), so its pages stay mapped."""
+        table = self.tr.model.token_table() if self.tr.model.sparse_table_grad else None
+        if table is None or not table.weight.requires_grad or table.weight.grad is not None:
+            return
+        if self._table_grad is None:
+            self._table_grad = torch.zeros_like(table.weight)
+        else:
+            self._table_grad.zero_()
+        table.weight.grad = self._table_grad
 
     def _step(self, finite: bool, grad_norm: torch.Tensor) -> None:
         st = self.state
@@ -840,6 +858,9 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
+    if info.device.type == "cpu" and cfg.training.keep_freed_memory and D.keep_freed_memory() and info.is_main:
+        log.info("malloc keeps freed memory for reuse (mmap above %d MB only, trim above %d MB)",
+                 D.MMAP_THRESHOLD_BYTES >> 20, D.TRIM_THRESHOLD_BYTES >> 20)
     precision, why = D.resolve_precision(cfg.training.precision, info.device,
                                          cached_infonce=cfg.phase2.cached_infonce)
     if info.is_main and cfg.training.precision == "auto":

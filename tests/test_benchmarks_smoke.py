@@ -190,6 +190,9 @@ def test_bench_trainer_args_and_sets(tmp_path: Path) -> None:
     assert "training.precision=fp32" in plain and "phase2.cached_infonce=false" in plain
     assert "training.compile=false" in plain
     assert "training.compile=true" in bench_trainer.run_sets(args, tmp_path, "ours-bf16-compile")
+    assert "training.sparse_embedding_grad=true" in plain and "training.keep_freed_memory=true" in plain
+    faulting = bench_trainer.run_sets(args, tmp_path, "ours-fp32-faulting")
+    assert "training.sparse_embedding_grad=false" in faulting and "training.keep_freed_memory=false" in faulting
 
 
 def _rec(samples: int, loop_s: float, real: int, padded: int, rows: int, steps: int = 2) -> dict:
@@ -228,6 +231,13 @@ def test_phase_row_and_compare() -> None:
     assert ratios["ours/st fp32 both"] == pytest.approx((80 / 10) / (80 / 12))  # total samples / total seconds
     assert ratios["ours/st bf16 phase1"] is None and ratios["ours cached/plain InfoNCE phase2"] is None
     assert ratios["ours compile/eager fp32 phase1"] is None
+    assert row["page_faults_per_step"] is None  # not counted
+    counted = bench_trainer.phase_row("ours-fp32-faulting", "ours", "fp32", "phase1",
+                                      {**_rec(64, 4.0, 10, 10, 64), "minor_faults": 3_000}, 1, peaks, 1, res)
+    assert counted["page_faults_per_step"] == 1_500  # 2 steps
+    ratios = bench_trainer.compare(rows + [counted])["ratios"]
+    assert ratios["ours page reuse/faulting fp32 phase1"] == pytest.approx(2.0)  # 32 vs 16 samples/s
+    assert ratios["ours page reuse/faulting fp32 both"] is None  # no phase-2 row of the faulting variant
 
 
 def test_steady_rate_leaves_out_the_first_step_and_compile_ratios() -> None:
