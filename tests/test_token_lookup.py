@@ -121,7 +121,7 @@ def test_sparse_table_grad_adds_rows_into_the_kept_dense_grad(tmp_path, kind: st
             m(enc.chunks).pow(2).sum().backward()
 
         fills = _table_sized_fills(list(table.weight.shape), step)
-        fills += _table_sized_fills(list(table.weight.shape), lambda m=model: step(several, m))
+        fills += _table_sized_fills(list(table.weight.shape), lambda m=model, enc=several: step(enc, m))
         assert fills == (0 if sparse else 2)
         if sparse:
             assert table.weight.grad is kept and not kept.is_sparse  # accumulated in place, both backwards
@@ -149,8 +149,8 @@ def test_the_trainer_keeps_one_dense_table_grad_and_trains_as_with_dense_lookups
     for sparse in ("true", "false"):
         (tmp_path / sparse).mkdir()
         cfg = tiny_config_yaml(tmp_path / sparse, tiny_teacher_dir, tiny_student_dir, files)
-        res = train_single(cfg, "--set", "training.skip_phase2=true", "--set", "eval.data=null",
-                           "--set", "phase1.head_only_fraction=0.25", "--set", f"training.sparse_embedding_grad={sparse}")
+        res = train_single(cfg, "--set", "training.skip_phase2=true", "--set", "eval.data=null", "--set",
+                           "phase1.head_only_fraction=0.25", "--set", f"training.sparse_embedding_grad={sparse}")
         assert res.returncode == 0, res.stderr[-3000:]
         run = tmp_path / sparse / "out" / "distilled-model-48d-tiny"
         weights[sparse] = load_file(str(run / "phase1" / "model.safetensors"))
