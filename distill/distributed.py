@@ -203,10 +203,12 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same activations every time. By default glibc serves blocks above a
     dynamic threshold (128 KB at first) with ``mmap`` and unmaps them on ``free``, and trims the top of its heap, so
-    the next step gets fresh pages again: one page fault per 4 KB touched (17,000-23,000 per phase-1 step of the CPU
-    demo's student, docs/PERFORMANCE.md). With ``mmap`` only above 32 MB and no trimming below 1 GB free, the
-    steps reuse the heap's pages (1,200 faults per step). Linux with glibc only; a no-op returning False elsewhere
-    (macOS, musl) or when the environment already sets ``MALLOC_*`` / ``GLIBC_TUNABLES`` values (the user's choice).
+    a later step can get fresh pages again: one page fault per 4 KB touched. With ``mmap`` only above 32 MB and no
+    trimming below 1 GB free, steps reuse the heap's pages: in a micro-benchmark of the CPU demo student's step
+    (with ``sparse_table_grad``) 1,200 faults per step instead of 17,600-23,100; in the whole trainer 20-40 % fewer,
+    the rest being oneDNN's JIT code for new shapes (docs/PERFORMANCE.md). Linux with glibc only; a no-op returning
+    False elsewhere (macOS, musl) or when the environment already sets ``MALLOC_*`` / ``GLIBC_TUNABLES`` values (the
+    user's choice).
     """
     import ctypes
     import platform
@@ -221,8 +223,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) & bool(mallopt(_M_TRIM_THRESHOLD,
-                                                                                   TRIM_THRESHOLD_BYTES))
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    trim_set = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    return bool(mmap_set and trim_set)
 
 
 def emulated_bf16_cost() -> str:

@@ -382,7 +382,9 @@ class DistillModel(nn.Module):
 
     def token_table(self) -> nn.Embedding | None:
         """The student's word-embedding table when forwards look tokens up here (see _look_up_tokens_once)."""
-        return _token_embedding_table(self.student)
+        if self._lookup_once is None:  # a property of the student: checked once
+            self._lookup_once = _token_embedding_table(self.student) is not None
+        return backbone(self.student).get_input_embeddings() if self._lookup_once else None
 
     def student_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's own sentence embedding [b, student_dim], before any head."""
@@ -415,11 +417,9 @@ class DistillModel(nn.Module):
         same; DDP reads the dense ``.grad`` after accumulation. Without a dense ``.grad`` autograd would store the
         sparse tensor itself, which AdamW cannot use: the trainer keeps one.
         """
-        if self._lookup_once is None:  # a property of the student: checked on the first forward
-            self._lookup_once = _token_embedding_table(self.student) is not None
-        if not self._lookup_once:
+        table = self.token_table()
+        if table is None:
             return chunks
-        table = backbone(self.student).get_input_embeddings()
         ids = torch.cat([c["input_ids"].reshape(-1) for c in chunks])
         flat = F.embedding(ids, table.weight, table.padding_idx, table.max_norm, table.norm_type,
                            table.scale_grad_by_freq, sparse=table.sparse or self.sparse_table_grad)
