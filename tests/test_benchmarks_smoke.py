@@ -240,6 +240,12 @@ def test_phase_row_and_compare() -> None:
     assert ratios["ours page reuse/faulting fp32 both"] is None  # no phase-2 row of the faulting variant
 
 
+def test_the_peak_is_the_fastest_square_matmul_of_the_run() -> None:
+    runs = [{"fp32": 180e9, "bf16": 650e9, "wall_s": 3.0}, {"fp32": 200e9, "bf16": 880e9},
+            {"fp32": 175e9, "bf16": 745e9, "bf16:637": 790e9}]
+    assert bench_trainer.best_peaks(runs) == {"fp32": 200e9, "bf16": 880e9}
+
+
 def test_steady_rate_leaves_out_the_first_step_and_compile_ratios() -> None:
     rec = {**_rec(80, 10.0, 100, 100, 80, steps=5), "first_step_s": 6.0}
     assert bench_trainer.steady_samples_per_s(rec) == pytest.approx(64 / 4.0)  # 4 of 5 steps' samples in 4 s
