@@ -198,6 +198,14 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # the largest glibc accepts on 64-bit (HEAP_MAX
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 
+def is_glibc_linux() -> bool:
+    """Whether this process runs on Linux with glibc, whose ``mallopt`` :func:`keep_freed_memory` calls."""
+    import platform
+    import sys
+
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of giving it back to the OS; True if it could.
 
@@ -211,10 +219,8 @@ def keep_freed_memory() -> bool:
     user's choice).
     """
     import ctypes
-    import platform
-    import sys
 
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not is_glibc_linux():
         return False
     if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False

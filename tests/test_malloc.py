@@ -4,12 +4,13 @@ so a training step's reallocated activations reuse mapped pages instead of page-
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 from tiny_models import REPO_ROOT
+
+from distill.distributed import is_glibc_linux
 
 # Two rounds of a step's memory traffic: 40 activation-sized blocks (6 MB each) freed, then one 48 MB
 # gradient-sized buffer (above glibc's largest mmap threshold) allocated and freed. By default glibc unmaps and trims
@@ -30,8 +31,7 @@ for _ in range(2):
 print(faults[1])
 """
 
-glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+glibc_only = pytest.mark.skipif(not is_glibc_linux(), reason="mallopt is glibc's")
 
 
 def _rounds(mode: str, **env: str) -> tuple[str, int]:

@@ -17,6 +17,14 @@ def _chunks(student, texts: list[str], chunk_size: int):
     return pad_chunks(ids, student.tokenizer.pad_token_id, chunk_size, torch.device("cpu"))
 
 
+def _table_sized_fills(vocab_shape: list[int], run) -> int:
+    """Zero-filled [vocab, hidden] buffers in ``run()`` (forward + backward): dense embedding gradients."""
+    with profile(record_shapes=True) as prof:
+        run()
+    return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+               if e.key in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0] == vocab_shape)
+
+
 TEXTS = ["a short one", "somewhat longer text with several more words in it", "mid length text here",
          "x", "the longest of them all by a clear margin, with many words and some punctuation too!", "two words"]
 
@@ -59,12 +67,9 @@ def test_one_dense_embedding_gradient_per_forward(tiny_student_dir) -> None:
     enc = _chunks(student, TEXTS, chunk_size=2)
 
     def table_sized_fills(run) -> int:
-        """Zero-filled [vocab, hidden] buffers in one forward + backward: the embedding backward's dense grads."""
+        """The embedding backward's dense grads in one forward + backward."""
         model.zero_grad()
-        with profile(record_shapes=True) as prof:
-            run().sum().backward()
-        return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
-                   if e.key in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0] == vocab_shape)
+        return _table_sized_fills(vocab_shape, lambda: run().sum().backward())
 
     assert table_sized_fills(lambda: model(enc.chunks)) == 1
     assert table_sized_fills(lambda: torch.cat([model.embed(c) for c in enc.chunks])) == 3
@@ -86,14 +91,6 @@ def test_models_without_a_plain_table_keep_per_chunk_lookups(tiny_student_dir) -
     enc = _chunks(student, TEXTS, chunk_size=2)
     model = DistillModel(student, None)
     assert model._look_up_tokens_once(enc.chunks) is enc.chunks
-
-
-def _table_sized_fills(vocab_shape: list[int], run) -> int:
-    """Zero-filled [vocab, hidden] buffers in ``run()`` (forward + backward): dense embedding gradients."""
-    with profile(record_shapes=True) as prof:
-        run()
-    return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
-               if e.key in ("aten::fill_", "aten::zero_") and e.input_shapes and e.input_shapes[0] == vocab_shape)
 
 
 @pytest.mark.parametrize("kind", ["mpnet", "bert"])
