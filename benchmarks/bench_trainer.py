@@ -24,11 +24,12 @@ input and weight gradients) at the token rows per forward of the row.
 Also the first optimizer step's time (allocations, kernel selection, compilation) and samples/s after it.
 
 Our configurations: fp32, bf16, bf16 with GradCache, fp32 / bf16 with ``training.compile``, and (not by default)
-fp32 / bf16 with torch's own ``bernoulli_`` dropout instead of ``training.rand_dropout`` (``-bernoulli``), and
+fp32 / bf16 with torch's own ``bernoulli_`` dropout instead of ``training.rand_dropout`` (``-bernoulli``),
 without page reuse (``-faulting``: ``training.sparse_embedding_grad`` and ``training.keep_freed_memory`` off, so a
-dense word-embedding gradient per forward and glibc's default malloc thresholds). Every row also gives the minor page
-faults per optimizer step. ``--profile`` runs each uncompiled one once more under ``torch.profiler`` and prints the
-share of its loop time per kind of op.
+dense word-embedding gradient per forward and glibc's default malloc thresholds), and with every chunk padded exactly
+to its longest text (``-exactpad``: ``training.pad_length_grid=0``, so nearly every step meets new matmul shapes).
+Every row also gives the minor page faults per optimizer step. ``--profile`` runs each uncompiled one once more under
+``torch.profiler`` and prints the share of its loop time per kind of op.
 
     python benchmarks/bench_trainer.py                       # ~8 min on 2 cores
     python benchmarks/bench_trainer.py --max-train 256 --steps1 8 --steps2 6 --repeats 2 --profile --json out.json
@@ -60,6 +61,7 @@ class Variant(NamedTuple):
     compile: bool  # training.compile
     rand_dropout: bool = True  # training.rand_dropout (ours); ST always runs torch's own dropout
     page_reuse: bool = True  # training.sparse_embedding_grad and training.keep_freed_memory (ours)
+    pad_grid: bool = True  # training.pad_length_grid at its default (ours); False: 0, exact chunk widths
 
 
 VARIANTS = {
@@ -72,6 +74,8 @@ VARIANTS = {
     "ours-bf16-bernoulli": Variant("ours", "bf16", False, False, rand_dropout=False),
     "ours-fp32-faulting": Variant("ours", "fp32", False, False, page_reuse=False),
     "ours-bf16-faulting": Variant("ours", "bf16", False, False, page_reuse=False),
+    "ours-fp32-exactpad": Variant("ours", "fp32", False, False, pad_grid=False),
+    "ours-bf16-exactpad": Variant("ours", "bf16", False, False, pad_grid=False),
     "st-fp32": Variant("st", "fp32", False, False),
     "st-bf16": Variant("st", "bf16", False, False),
 }
@@ -131,6 +135,7 @@ def run_sets(args: argparse.Namespace, work: Path, name: str) -> list[str]:
             f"training.rand_dropout={'true' if variant.rand_dropout else 'false'}",
             f"training.sparse_embedding_grad={'true' if variant.page_reuse else 'false'}",
             f"training.keep_freed_memory={'true' if variant.page_reuse else 'false'}",
+            *([] if variant.pad_grid else ["training.pad_length_grid=0"]),
             f"paths.output_dir={work / 'runs' / name}", f"paths.cache_dir={work / 'cache'}"]
 
 
@@ -640,6 +645,10 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for phase in ("phase1", "phase2", None):
             ratios[f"ours page reuse/faulting {prec} {phase or 'both'}"] = C.ratio(
                 sps(f"ours-{prec}", phase), sps(f"ours-{prec}-faulting", phase))
+    for prec in ("fp32", "bf16"):
+        for phase in ("phase1", "phase2", None):
+            ratios[f"ours grid/exact padding {prec} {phase or 'both'}"] = C.ratio(
+                sps(f"ours-{prec}", phase), sps(f"ours-{prec}-exactpad", phase))
     lines = [f"{k:44s} {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()]
     return {"ratios": ratios, "lines": lines}
 

@@ -170,12 +170,18 @@ class TrainingConfig:
     # CPU: the word-embedding gradient as sparse rows added into one kept dense buffer (models.DistillModel)
     sparse_embedding_grad: bool = True
     keep_freed_memory: bool = True  # CPU, Linux/glibc: malloc reuses freed pages (distributed.keep_freed_memory)
+    # pad each chunk up to a coarse geometric grid of lengths (at most this fraction of extra padding) so few shapes
+    # recur and compiled kernels are reused (trainer.grid_length); 0: pad exactly to the chunk's longest text
+    pad_length_grid: float = 0.0625
 
     def validate(self) -> None:
         if self.skip_phase1 and self.skip_phase2:
             raise ConfigError("training: skip_phase1 and skip_phase2 are both true, nothing would be trained")
         _non_negative(self, "save_steps", section="training")
         _positive(self, "keep_last", "logging_steps", "max_nonfinite_steps", "dist_timeout_s", section="training")
+        if not 0 <= self.pad_length_grid <= 0.5:
+            raise ConfigError(f"training.pad_length_grid must be in [0, 0.5] (a fraction of extra padding), got "
+                              f"{self.pad_length_grid}")
 
 
 @dataclass

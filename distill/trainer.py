@@ -51,7 +51,7 @@ DONE_MARKER = "DONE"
 _RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
                                               "num_threads", "precision", "rand_dropout", "skip_phase1",
                                               "skip_phase2", "save_to_artifacts", "sparse_embedding_grad",
-                                              "keep_freed_memory")}
+                                              "keep_freed_memory", "pad_length_grid")}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -69,10 +69,27 @@ class Encoded:
     padded_tokens: int
 
 
-def pad_chunks(seqs: list[list[int]], pad_id: int, chunk_size: int, device: torch.device) -> Encoded:
+def grid_length(width: int, grid: float, cap: int | None = None) -> int:
+    """``width`` rounded up to a geometric grid: a multiple of ``s = 2**floor(log2(width * grid))`` (``s >= 1``).
+
+    The extra padding is ``< s <= width * grid``, so at most a ``grid`` fraction; the grid has about ``1 / grid``
+    lengths per octave (~96 up to 512 at ``grid = 1/16``), so a few shapes recur instead of every length
+    (kernels compiled per matmul shape by oneDNN on CPU or by ``torch.compile`` are reused). Never above ``cap``
+    (the phase's max_length, if given) nor below ``width``; ``grid = 0`` keeps ``width``.
+    """
+    if grid <= 0:
+        return width
+    step = 1 << max(0, math.floor(math.log2(max(1.0, width * grid))))
+    rounded = -(-width // step) * step
+    return rounded if cap is None else max(width, min(cap, rounded))
+
+
+def pad_chunks(seqs: list[list[int]], pad_id: int, chunk_size: int, device: torch.device, *, grid: float = 0.0,
+               cap: int | None = None) -> Encoded:
     """Sort ``seqs`` by length, cut into chunks of ``chunk_size`` sequences and pad each chunk to its longest one.
 
     Padding per length-homogeneous chunk is what keeps padded tokens low when documents of one batch vary in length.
+    With ``grid > 0`` a chunk's width is its longest length rounded up by :func:`grid_length` (at most ``cap``).
     """
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     chunks = []
@@ -80,6 +97,7 @@ def pad_chunks(seqs: list[list[int]], pad_id: int, chunk_size: int, device: torc
     for start in range(0, len(order), chunk_size):
         idx = order[start : start + chunk_size]
         width = max(len(seqs[i]) for i in idx)
+        width = grid_length(width, grid, cap)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
@@ -298,6 +316,12 @@ class Trainer:
         """The student tokenizer's padding id (0 when it defines none; the attention mask hides it anyway)."""
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def _pad(self, seqs: list[list[int]], chunk_size: int, phase: int) -> Encoded:
+        """:func:`pad_chunks` with the run's ``training.pad_length_grid``, capped at the phase's max_length."""
+        pcfg = self.cfg.phase1 if phase == 1 else self.cfg.phase2
+        return pad_chunks(seqs, self.pad_id, chunk_size, self.device, grid=self.cfg.training.pad_length_grid,
+                          cap=min(pcfg.max_length, self.max_model_len))
+
     def _prepare_data(self, phase: int, max_len: int):
         """The phase's data with its texts tokenized once by the student's tokenizer, and each example's length."""
         from distill import data as data_mod
@@ -331,7 +355,6 @@ class Trainer:
         d, dt = m.student_dim, targets.dim
         xtx, xty = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dt, dtype=torch.float64)
         x_sum, y_sum = torch.zeros(d, dtype=torch.float64), torch.zeros(dt, dtype=torch.float64)
-        pad = self.pad_id
         precision = self.cfg.training.precision
         was_training = self.model.training
         self.model.eval()
@@ -342,7 +365,7 @@ class Trainer:
             lookup = targets.query if role == 0 else targets.document
             for start in range(0, len(rows), chunk):
                 part = rows[start : start + chunk]
-                enc = pad_chunks(tables[role].input_ids(part), pad, len(part), self.device)
+                enc = self._pad(tables[role].input_ids(part), len(part), phase=1)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     x = torch.cat([self.model.student_embedding(c) for c in enc.chunks])[enc.restore]
                 x = x.double().cpu()
@@ -402,14 +425,13 @@ class Trainer:
     def _batch_loss(self, phase, data, tables, targets, loss_fn, model, batch) -> tuple[torch.Tensor, dict, int, int]:
         """Loss of one micro-batch of example indices; returns (loss, terms, real tokens, padded tokens)."""
         ex = data.examples[np.asarray(batch)]
-        pad = self.pad_id
         precision = self.cfg.training.precision
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
                              enabled=precision != "fp32")
         if phase == 1:
             roles, rows = ex[:, 0], ex[:, 1]
             seqs = [tables[r].input_ids([i])[0] for r, i in zip(roles, rows)]
-            enc = pad_chunks(seqs, pad, len(seqs), self.device)
+            enc = self._pad(seqs, len(seqs), phase=1)
             with amp:
                 emb = model(enc.chunks)[enc.restore]
             teacher = torch.empty(len(rows), targets.dim)
@@ -420,16 +442,16 @@ class Trainer:
                 teacher[torch.from_numpy(~qmask)] = targets.document(rows[~qmask])
             loss, terms = loss_fn(emb.float(), teacher.to(self.device))
             return loss, terms, enc.real_tokens, enc.padded_tokens
-        inp = self._phase2_inputs(ex, tables, targets, pad, len(ex))
+        inp = self._phase2_inputs(ex, tables, targets, len(ex))
         with amp:
             out = model(inp.enc_q.chunks + inp.enc_d.chunks)
         loss, terms = inp.loss(loss_fn, out)
         return loss, terms, inp.real_tokens, inp.padded_tokens
 
-    def _phase2_inputs(self, ex: np.ndarray, tables, targets, pad: int, chunk_size: int) -> _Phase2Inputs:
+    def _phase2_inputs(self, ex: np.ndarray, tables, targets, chunk_size: int) -> _Phase2Inputs:
         q_rows, d_rows = ex[:, 0], ex[:, 1:].reshape(-1)
-        enc_q = pad_chunks(tables[0].input_ids(q_rows), pad, chunk_size, self.device)
-        enc_d = pad_chunks(tables[1].input_ids(d_rows), pad, chunk_size, self.device)
+        enc_q = self._pad(tables[0].input_ids(q_rows), chunk_size, phase=2)
+        enc_d = self._pad(tables[1].input_ids(d_rows), chunk_size, phase=2)
         return _Phase2Inputs(enc_q, enc_d, targets.query(q_rows).to(self.device),
                              targets.document(d_rows).to(self.device),
                              torch.from_numpy(np.ascontiguousarray(d_rows)).to(self.device))
@@ -439,8 +461,7 @@ class Trainer:
         from distill.gradcache import cached_backward
 
         ex = data.examples[np.asarray(batch)]
-        pad = self.pad_id
-        inp = self._phase2_inputs(ex, tables, targets, pad, self.cfg.phase2.mini_batch_size)
+        inp = self._phase2_inputs(ex, tables, targets, self.cfg.phase2.mini_batch_size)
         precision = self.cfg.training.precision
         amp_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
 

@@ -219,10 +219,12 @@ def build_tiny_teacher(out_dir: str | os.PathLike, *, hidden: int = 48, layers: 
 
 
 def build_tiny_student(
-    out_dir: str | os.PathLike, *, hidden: int = 32, layers: int = 2, kind: Literal["mpnet", "bert"] = "mpnet"
+    out_dir: str | os.PathLike, *, hidden: int = 32, layers: int = 2, kind: Literal["mpnet", "bert"] = "mpnet",
+    dropout: float = 0.1,
 ) -> Path:
     """Random-init MPNet (or BERT) encoder with a lowercase WordPiece tokenizer, saved as a sentence-transformers
-    folder (Transformer -> Pooling(mean) -> Normalize); ``encode`` returns ``[n, hidden]`` unit vectors."""
+    folder (Transformer -> Pooling(mean) -> Normalize); ``encode`` returns ``[n, hidden]`` unit vectors.
+    ``dropout``: hidden and attention dropout (0 for runs that must agree whatever the batch shapes)."""
     from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 
     if kind not in ("mpnet", "bert"):
@@ -237,6 +239,8 @@ def build_tiny_student(
             "num_attention_heads": 2,
             "intermediate_size": 2 * hidden,
             "pad_token_id": tokenizer.pad_token_id,
+            "hidden_dropout_prob": dropout,
+            "attention_probs_dropout_prob": dropout,
         }
         torch.manual_seed(_SEED + 1)
         if kind == "mpnet":
