@@ -193,6 +193,8 @@ def test_bench_trainer_args_and_sets(tmp_path: Path) -> None:
     assert "training.sparse_embedding_grad=true" in plain and "training.keep_freed_memory=true" in plain
     faulting = bench_trainer.run_sets(args, tmp_path, "ours-fp32-faulting")
     assert "training.sparse_embedding_grad=false" in faulting and "training.keep_freed_memory=false" in faulting
+    assert not any(x.startswith("training.pad_length_grid") for x in plain)  # the config's default grid
+    assert "training.pad_length_grid=0" in bench_trainer.run_sets(args, tmp_path, "ours-bf16-exactpad")
 
 
 def _rec(samples: int, loop_s: float, real: int, padded: int, rows: int, steps: int = 2) -> dict:
@@ -238,6 +240,9 @@ def test_phase_row_and_compare() -> None:
     ratios = bench_trainer.compare(rows + [counted])["ratios"]
     assert ratios["ours page reuse/faulting fp32 phase1"] == pytest.approx(2.0)  # 32 vs 16 samples/s
     assert ratios["ours page reuse/faulting fp32 both"] is None  # no phase-2 row of the faulting variant
+    exact = bench_trainer.phase_row("ours-fp32-exactpad", "ours", "fp32", "phase1", _rec(64, 8.0, 10, 10, 64), 1,
+                                    peaks, 1, res)
+    assert bench_trainer.compare(rows + [exact])["ratios"]["ours grid/exact padding fp32 phase1"] == pytest.approx(4.0)
 
 
 def test_the_peak_is_the_fastest_square_matmul_of_the_run() -> None:
