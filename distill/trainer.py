@@ -96,8 +96,7 @@ def pad_chunks(seqs: list[list[int]], pad_id: int, chunk_size: int, device: torc
     padded = 0
     for start in range(0, len(order), chunk_size):
         idx = order[start : start + chunk_size]
-        width = max(len(seqs[i]) for i in idx)
-        width = grid_length(width, grid, cap)
+        width = grid_length(max(len(seqs[i]) for i in idx), grid, cap)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
