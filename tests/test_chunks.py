@@ -66,22 +66,18 @@ def test_the_grid_changes_shapes_not_the_training(tmp_path, tiny_teacher_dir) ->
     import json
 
     from safetensors.torch import load_file
-    from test_train_e2e import train_records, train_single
-    from tiny_data import tiny_config_yaml, write_training_files
+    from test_train_e2e import train_each_setting, train_records
+    from tiny_data import write_training_files
     from tiny_models import build_tiny_student
 
     student = build_tiny_student(tmp_path / "no_dropout" / "model", dropout=0.0)
     files = write_training_files(tmp_path / "data", n=48)
-    weights, losses, padding = {}, {}, {}
-    for grid in ("0", "0.5"):
-        (tmp_path / grid).mkdir()
-        cfg = tiny_config_yaml(tmp_path / grid, tiny_teacher_dir, student, files)
-        res = train_single(cfg, "--set", "eval.data=null", "--set", f"training.pad_length_grid={grid}")
-        assert res.returncode == 0, res.stderr[-3000:]
-        run = tmp_path / grid / "out" / "distilled-model-48d-tiny"
-        weights[grid] = load_file(str(run / "phase2" / "model.safetensors"))
-        losses[grid] = [r["loss"] for p in ("phase1", "phase2") for r in train_records(run, p)]
-        padding[grid] = json.loads((run / "final" / "distill_summary.json").read_text())["padding_efficiency"]
+    runs = train_each_setting(tmp_path, tiny_teacher_dir, student, files, "training.pad_length_grid", ["0", "0.5"],
+                              "--set", "eval.data=null")
+    weights = {k: load_file(str(run / "phase2" / "model.safetensors")) for k, run in runs.items()}
+    losses = {k: [r["loss"] for p in ("phase1", "phase2") for r in train_records(run, p)] for k, run in runs.items()}
+    padding = {k: json.loads((run / "final" / "distill_summary.json").read_text())["padding_efficiency"]
+               for k, run in runs.items()}
     assert len(losses["0"]) >= 4
     torch.testing.assert_close(torch.tensor(losses["0.5"]), torch.tensor(losses["0"]), atol=1e-4, rtol=1e-4)
     for name, w in weights["0"].items():

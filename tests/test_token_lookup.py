@@ -138,20 +138,15 @@ def test_the_trainer_keeps_one_dense_table_grad_and_trains_as_with_dense_lookups
     """A single-process phase-1 run with ``training.sparse_embedding_grad`` on and off: the same losses and weights
     (up to summation order), so the trainer gives the table a dense ``.grad`` before each full step."""
     from safetensors.torch import load_file
-    from test_train_e2e import train_records, train_single
-    from tiny_data import tiny_config_yaml, write_training_files
+    from test_train_e2e import train_each_setting, train_records
+    from tiny_data import write_training_files
 
     files = write_training_files(tmp_path / "data", n=48)
-    weights, losses = {}, {}
-    for sparse in ("true", "false"):
-        (tmp_path / sparse).mkdir()
-        cfg = tiny_config_yaml(tmp_path / sparse, tiny_teacher_dir, tiny_student_dir, files)
-        res = train_single(cfg, "--set", "training.skip_phase2=true", "--set", "eval.data=null", "--set",
-                           "phase1.head_only_fraction=0.25", "--set", f"training.sparse_embedding_grad={sparse}")
-        assert res.returncode == 0, res.stderr[-3000:]
-        run = tmp_path / sparse / "out" / "distilled-model-48d-tiny"
-        weights[sparse] = load_file(str(run / "phase1" / "model.safetensors"))
-        losses[sparse] = [r["loss"] for r in train_records(run, "phase1")]
+    runs = train_each_setting(tmp_path, tiny_teacher_dir, tiny_student_dir, files, "training.sparse_embedding_grad",
+                              ["true", "false"], "--set", "training.skip_phase2=true", "--set", "eval.data=null",
+                              "--set", "phase1.head_only_fraction=0.25")
+    weights = {k: load_file(str(run / "phase1" / "model.safetensors")) for k, run in runs.items()}
+    losses = {k: [r["loss"] for r in train_records(run, "phase1")] for k, run in runs.items()}
     from sentence_transformers import SentenceTransformer
 
     base = SentenceTransformer(str(tiny_student_dir), device="cpu").state_dict()

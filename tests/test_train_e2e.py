@@ -29,6 +29,20 @@ def train_records(run_dir: Path, phase: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("event") == "train" and r["phase"] == phase]
 
 
+def train_each_setting(tmp_path: Path, teacher: Path, student: Path, files: dict[str, Path], key: str,
+                       values: list[str], *extra: str) -> dict[str, Path]:
+    """One single-process run per value of the ``--set`` key ``key`` (each in its own folder, same data and models);
+    returns each value's run folder, for tests that compare runs differing in one setting."""
+    runs = {}
+    for value in values:
+        (tmp_path / value).mkdir()
+        cfg = tiny_config_yaml(tmp_path / value, teacher, student, files)
+        res = train_single(cfg, *extra, "--set", f"{key}={value}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[value] = tmp_path / value / "out" / f"distilled-{student.name}-48d-tiny"
+    return runs
+
+
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
