@@ -157,7 +157,7 @@ class TrainingConfig:
     save_to_artifacts: bool = False
     seed: int = 42
     # autocast dtype of the student forward; auto: bf16 where the GPU / CPU multiplies bf16 natively, else fp16 (GPU)
-    # or fp32 (CPU), see distributed.resolve_precision
+    # or fp32 (CPU; bf16 on CPUs with AVX512-BF16/AMX when cpu_tuning is on), see hardware.resolve_precision
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     save_steps: int = 500  # checkpoint every N optimizer steps (0: only at phase ends)
     keep_last: int = 2
@@ -165,23 +165,16 @@ class TrainingConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite losses or gradients
     dist_timeout_s: float = 1800.0  # a collective waiting longer than this on a dead rank fails the run
     compile: bool = False  # torch.compile the student
-    rand_dropout: bool = True  # CPU: dropout masks from 15-bit lanes of random_ draws, faster than F.dropout (dropout.py)
     num_threads: int | None = None  # torch intra-op threads per rank on CPU (None: torch's default)
-    # CPU: the word-embedding gradient as sparse rows added into one kept dense buffer (models.DistillModel)
-    sparse_embedding_grad: bool = True
-    keep_freed_memory: bool = True  # CPU, Linux/glibc: malloc reuses freed pages (distributed.keep_freed_memory)
-    # pad each chunk up to a coarse geometric grid of lengths (at most this fraction of extra padding) so few shapes
-    # recur and compiled kernels are reused (trainer.grid_length); 0: pad exactly to the chunk's longest text
-    pad_length_grid: float = 0.0625
+    # CPU runs only: the CPU-specific tuning of distill/hardware.py (bf16 detection for precision auto, faster
+    # dropout masks); off for GPU recipes, where it changes nothing
+    cpu_tuning: bool = False
 
     def validate(self) -> None:
         if self.skip_phase1 and self.skip_phase2:
             raise ConfigError("training: skip_phase1 and skip_phase2 are both true, nothing would be trained")
         _non_negative(self, "save_steps", section="training")
         _positive(self, "keep_last", "logging_steps", "max_nonfinite_steps", "dist_timeout_s", section="training")
-        if not 0 <= self.pad_length_grid <= 0.5:
-            raise ConfigError(f"training.pad_length_grid must be in [0, 0.5] (a fraction of extra padding), got "
-                              f"{self.pad_length_grid}")
 
 
 @dataclass
@@ -296,6 +289,15 @@ class Config:
         if self.model.model_name:
             return self.model.model_name
         return f"distilled-{student_family(self.model.student)}-{self.model.output_dim}d"
+
+    @property
+    def phases(self) -> list[int]:
+        """The phases this config trains, in order (1 and/or 2)."""
+        return [p for p in (1, 2) if not getattr(self.training, f"skip_phase{p}")]
+
+    def phase(self, p: int) -> Phase1Config | Phase2Config:
+        """The ``phase1`` or ``phase2`` section."""
+        return self.phase1 if p == 1 else self.phase2
 
     @property
     def experiment(self) -> str:
