@@ -11,17 +11,23 @@ script prints wall times, the training-loop time of each phase (``metrics.jsonl`
 passes (``final/distill_summary.json`` ``teacher_forward_passes``; texts embedded by the teacher) and the ratios
 no-cache/cold and no-cache/warm.
 
+``--store`` instead times only the cache's own storage overhead (:func:`store_overhead`: key hashing, fill, lookup,
+random reads) with a random-vector encoder: no model, no training.
+
     python benchmarks/bench_cache.py                                 # ~5 min on 2 cores
     python benchmarks/bench_cache.py --nproc 2 --epochs1 2 --epochs2 2 --max-train 64 --json out.json
+    python benchmarks/bench_cache.py --store --store-texts 20000 --store-dim 1024
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import shutil
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models-dir", type=Path, default=C.DEFAULT_MODELS)
     p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench_cache")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--store", action="store_true",
+                   help="time only the cache's storage overhead (no model, no training) in a folder under --workdir")
+    p.add_argument("--store-texts", type=int, default=20000, help="texts --store fills and reads (default 20000)")
+    p.add_argument("--store-dim", type=int, default=1024, help="embedding dim of --store (default 1024)")
     args = p.parse_args(argv)
-    for name in ("max_train", "batch1", "batch2", "epochs1", "epochs2", "nproc", "repeats"):
+    for name in ("max_train", "batch1", "batch2", "epochs1", "epochs2", "nproc", "repeats", "store_texts",
+                 "store_dim"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads is not None and args.threads < 1:
@@ -104,8 +115,89 @@ def collect(run: str, wall: float, run_dir: Path, num_negatives: int) -> dict[st
     return row
 
 
+def store_overhead(
+    root: str | Path,
+    n_texts: int = 20000,
+    dim: int = 1024,
+    dtype: str = "float16",
+    shard_size: int = 4096,
+    batch_size: int = 256,
+    lookup_batch: int = 64,
+    lookup_batches: int = 200,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Time the teacher cache's own overhead, without a model, in a throw-away namespace under ``root`` (removed
+    after).
+
+    A random-vector encoder fills ``n_texts`` synthetic texts; then ``lookup_batches`` random batches of
+    ``lookup_batch`` rows are read back. Returns ``hash_texts_per_s`` (key hashing), ``fill_texts_per_s``
+    (hash + sort + store, encoder time excluded), ``count_missing_s``, ``lookup_s`` (index build with checksums
+    + key search for all texts), ``read_rows_per_s`` (random rows from the memory maps) and ``bytes_on_disk``.
+    Collective like :meth:`TeacherCache.fill` when run under torchrun.
+    """
+    import numpy as np
+    import torch
+
+    from distill.distributed import barrier, broadcast_object, get_info
+    from distill.teacher_cache import TeacherCache, text_keys
+
+    rng = np.random.default_rng(seed)
+    texts = [f"benchmark text {i} " + "w" * int(rng.integers(0, 200)) for i in range(n_texts)]
+    namespace = broadcast_object(f"benchmark-{uuid.uuid4().hex}")
+    cache = TeacherCache(root, dtype=dtype, shard_size=shard_size)
+    encode_s = 0.0
+
+    def encode(batch: list[str]) -> torch.Tensor:
+        nonlocal encode_s
+        start = time.perf_counter()
+        out = torch.nn.functional.normalize(torch.randn(len(batch), dim), dim=1)
+        encode_s += time.perf_counter() - start
+        return out
+
+    try:
+        t0 = time.perf_counter()
+        text_keys(texts)
+        t1 = time.perf_counter()
+        cache.fill(namespace, texts, encode, batch_size=batch_size, progress=False)
+        t2 = time.perf_counter()
+        cache.count_missing(namespace, texts)
+        t3 = time.perf_counter()
+        emb = TeacherCache(root, dtype=dtype, shard_size=shard_size).lookup(namespace, texts)
+        t4 = time.perf_counter()
+        for _ in range(lookup_batches):
+            emb[rng.integers(0, n_texts, lookup_batch)]
+        t5 = time.perf_counter()
+        size = sum(p.stat().st_size for p in (Path(root) / namespace).iterdir() if p.is_file())
+    finally:
+        barrier()
+        if get_info().is_main:
+            shutil.rmtree(Path(root) / namespace, ignore_errors=True)
+    return {
+        "hash_texts_per_s": n_texts / max(t1 - t0, 1e-9),
+        "fill_texts_per_s": n_texts / max(t2 - t1 - encode_s, 1e-9),
+        "count_missing_s": t3 - t2,
+        "lookup_s": t4 - t3,
+        "read_rows_per_s": lookup_batches * lookup_batch / max(t5 - t4, 1e-9),
+        "bytes_on_disk": float(size),
+    }
+
+
+def main_store(args: argparse.Namespace) -> int:
+    """``--store``: print (and with ``--json`` write) :func:`store_overhead` at the requested size."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    result = store_overhead(args.workdir, n_texts=args.store_texts, dim=args.store_dim)
+    print(f"machine: {C.machine_line(args.threads)}")
+    print(C.format_table([result], list(result)))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "store": result},
+                                        indent=2), encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.store:
+        return main_store(args)
     teacher, student = C.check_models(args.models_dir)
     work = args.workdir.resolve()
     data = C.make_demo_data(work / f"data-{args.max_train}", args.max_train)

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -720,67 +719,3 @@ class TeacherCache:
         if self.dtype == "bfloat16":
             return stored.view(torch.int16).numpy()
         return stored.numpy()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark
-
-
-def benchmark(
-    root: str | Path,
-    n_texts: int = 20000,
-    dim: int = 1024,
-    dtype: str = "float16",
-    shard_size: int = 4096,
-    batch_size: int = 256,
-    lookup_batch: int = 64,
-    lookup_batches: int = 200,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Time the cache's own overhead, without a model, in a throw-away namespace under ``root`` (removed after).
-
-    A random-vector encoder fills ``n_texts`` synthetic texts; then ``lookup_batches`` random batches of
-    ``lookup_batch`` rows are read back. Returns ``hash_texts_per_s`` (key hashing), ``fill_texts_per_s``
-    (hash + sort + store, encoder time excluded), ``count_missing_s``, ``lookup_s`` (index build with checksums
-    + key search for all texts), ``read_rows_per_s`` (random rows from the memory maps) and ``bytes_on_disk``.
-    Collective like :meth:`TeacherCache.fill` when run under torchrun.
-    """
-    rng = np.random.default_rng(seed)
-    texts = [f"benchmark text {i} " + "w" * int(rng.integers(0, 200)) for i in range(n_texts)]
-    namespace = broadcast_object(f"benchmark-{uuid.uuid4().hex}")
-    cache = TeacherCache(root, dtype=dtype, shard_size=shard_size)
-    encode_s = 0.0
-
-    def encode(batch: list[str]) -> torch.Tensor:
-        nonlocal encode_s
-        start = time.perf_counter()
-        out = torch.nn.functional.normalize(torch.randn(len(batch), dim), dim=1)
-        encode_s += time.perf_counter() - start
-        return out
-
-    try:
-        t0 = time.perf_counter()
-        text_keys(texts)
-        t1 = time.perf_counter()
-        cache.fill(namespace, texts, encode, batch_size=batch_size, progress=False)
-        t2 = time.perf_counter()
-        cache.count_missing(namespace, texts)
-        t3 = time.perf_counter()
-        emb = TeacherCache(root, dtype=dtype, shard_size=shard_size).lookup(namespace, texts)
-        t4 = time.perf_counter()
-        for _ in range(lookup_batches):
-            emb[rng.integers(0, n_texts, lookup_batch)]
-        t5 = time.perf_counter()
-        size = sum(p.stat().st_size for p in (Path(root) / namespace).iterdir() if p.is_file())
-    finally:
-        barrier()
-        if get_info().is_main:
-            shutil.rmtree(Path(root) / namespace, ignore_errors=True)
-    return {
-        "hash_texts_per_s": n_texts / max(t1 - t0, 1e-9),
-        "fill_texts_per_s": n_texts / max(t2 - t1 - encode_s, 1e-9),
-        "count_missing_s": t3 - t2,
-        "lookup_s": t4 - t3,
-        "read_rows_per_s": lookup_batches * lookup_batch / max(t5 - t4, 1e-9),
-        "bytes_on_disk": float(size),
-    }

@@ -172,6 +172,33 @@ def test_inloop_teacher_texts() -> None:
     assert bench_cache.inloop_teacher_texts({"phase1": None, "phase2": stats["phase2"]}, 3) == 24 * 5
 
 
+
+def test_store_overhead_reports_and_cleans_up(tmp_path: Path) -> None:
+    (tmp_path / "keep").mkdir()
+    result = bench_cache.store_overhead(tmp_path, n_texts=300, dim=8, shard_size=64, batch_size=32, lookup_batch=8,
+                                        lookup_batches=5)
+    assert set(result) == {
+        "hash_texts_per_s",
+        "fill_texts_per_s",
+        "count_missing_s",
+        "lookup_s",
+        "read_rows_per_s",
+        "bytes_on_disk",
+    }
+    assert all(v > 0 for v in result.values())
+    assert result["bytes_on_disk"] > 300 * 8 * 2 + 300 * 16  # fp16 vectors + 128-bit keys
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_bench_cache_store_mode_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "store.json"
+    assert bench_cache.main(["--store", "--store-texts", "200", "--store-dim", "8", "--threads", "1",
+                             "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    assert "fill_texts_per_s" in capsys.readouterr().out
+    assert json.loads(out.read_text())["store"]["bytes_on_disk"] > 0
+    assert list((tmp_path / "work").iterdir()) == []
+
+
 # ---- bench_trainer ----
 
 

@@ -28,7 +28,6 @@ from distill.teacher_cache import (
     _gather,
     _Index,
     _Shard,
-    benchmark,
     text_keys,
 )
 
@@ -394,22 +393,6 @@ def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
     os.utime(old, (past, past))
     assert cache.fill(NS, ["a", "b"], FakeEncoder(), batch_size=2, progress=False) == 1
     assert not old.exists() and new.exists()  # a young one may belong to a live writer
-
-
-def test_benchmark_reports_and_cleans_up(tmp_path: Path) -> None:
-    (tmp_path / "keep").mkdir()
-    result = benchmark(tmp_path, n_texts=300, dim=8, shard_size=64, batch_size=32, lookup_batch=8, lookup_batches=5)
-    assert set(result) == {
-        "hash_texts_per_s",
-        "fill_texts_per_s",
-        "count_missing_s",
-        "lookup_s",
-        "read_rows_per_s",
-        "bytes_on_disk",
-    }
-    assert all(v > 0 for v in result.values())
-    assert result["bytes_on_disk"] > 300 * 8 * 2 + 300 * 16  # fp16 vectors + 128-bit keys
-    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
 
 
 def test_index_resolves_keys_sharing_their_high_word(tmp_path: Path) -> None:
