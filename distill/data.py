@@ -43,7 +43,7 @@ from distill.distributed import barrier, broadcast_object, get_info
 from distill.errors import ConfigError, DataError, DistillError
 
 if TYPE_CHECKING:  # only for annotations; any object with the same attributes works
-    from distill.config import DataConfig
+    from distill.config import Config, DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -939,6 +939,20 @@ def load_phase2(
         lambda: _prepare_phase2(data, num_negatives, max_samples, seed),
     )
     return Phase2Data(queries=queries, documents=documents, examples=examples, reports=reports)
+
+
+def load_phase_data(cfg: Config, phase: int, work_dir: str | Path | None = None) -> Phase1Data | Phase2Data:
+    """The prepared data of training ``phase`` (1 or 2) of ``cfg``, as the trainer, the cache fill and the plan see it.
+
+    ``work_dir`` holds the prepared folders; default ``cfg.cache_root / "data"``, where training reuses them
+    (``--dry-run`` passes a temporary folder so that planning writes nothing).
+    """
+    work = cfg.cache_root / "data" if work_dir is None else work_dir
+    if phase == 1:
+        return load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
+    if phase == 2:
+        return load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples, cfg.training.seed, work)
+    raise ConfigError(f"phase must be 1 or 2, got {phase!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``--dry-run``: validate a config and print what the run would do, without loading any weights.
+"""``python -m distill plan`` (= ``train --dry-run``): validate a config and print what the run would do, without
+loading any weights or writing anything.
 
 The compute estimate counts matmul FLOPs the usual way (forward 2·P·tokens, forward+backward 6·P·tokens for the
 trained student, forward only for the frozen teacher, once per unique text thanks to the cache) and converts them to
@@ -81,19 +82,15 @@ def _params(name: str) -> tuple[int | None, str]:
 
 
 def _phase_plan(cfg: Config, phase: int, world: int) -> PhasePlan:
-    pcfg = cfg.phase1 if phase == 1 else cfg.phase2
+    pcfg = cfg.phase(phase)
     per_example = 1 if phase == 1 else 2 + cfg.phase2.num_negatives
     examples = unique = None
     note = ""
     try:
-        from distill import data as data_mod
+        from distill.data import load_phase_data
 
         with tempfile.TemporaryDirectory() as tmp:
-            if phase == 1:
-                d = data_mod.load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, tmp)
-            else:
-                d = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples,
-                                         cfg.training.seed, tmp)
+            d = load_phase_data(cfg, phase, tmp)
             examples, unique = len(d.examples), len(d.queries) + len(d.documents)
             chars = sum(len(t) for t in d.queries[: min(len(d.queries), 2000)]) + \
                 sum(len(t) for t in d.documents[: min(len(d.documents), 2000)])
@@ -209,10 +206,10 @@ def print_plan(cfg: Config) -> dict[str, Any]:
              f"world size   {world} process(es){'' if world > 1 else ' (run under torchrun for more)'}", ""]
     plans = []
     for phase in (1, 2):
-        if getattr(cfg.training, f"skip_phase{phase}"):
+        if phase not in cfg.phases:
             lines.append(f"phase{phase}       skipped")
             continue
-        pcfg = cfg.phase1 if phase == 1 else cfg.phase2
+        pcfg = cfg.phase(phase)
         sources = cfg.data.phase1 if phase == 1 else cfg.data.phase2
         plan = _phase_plan(cfg, phase, world)
         plans.append(plan)

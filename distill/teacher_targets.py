@@ -1,21 +1,16 @@
-"""Teacher targets from the teacher embedding cache, and ``python -m distill.cache`` to fill it ahead of training.
+"""Teacher targets: the teacher embeddings each training phase (and the eval set) distills from, via the cache.
 
 The 7B teacher is the expensive part of distillation, so it runs once per unique (text, role) pair: before each
 phase every text the phase needs is looked up in :class:`~distill.teacher_cache.TeacherCache`, the missing ones are
 embedded (sharded over all ranks) and stored, and training reads the stored vectors. The teacher is loaded only if
-something is missing, and freed before the student trains.
-
-    python -m distill.cache --config configs/default.yaml             # fill (also under torchrun)
-    python -m distill.cache --config configs/default.yaml --dry-run   # how many texts are cached / missing
+something is missing, and freed before the student trains. :func:`precompute` fills (or counts) the cache for a
+whole config ahead of training; its command line is ``python -m distill cache`` (:mod:`distill.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
-import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +19,7 @@ import torch
 
 from distill import distributed as D
 from distill.config import Config
-from distill.errors import DistillError
+from distill.data import load_phase_data
 from distill.models import TeacherEncoder, TeacherSpec, teacher_spec_from_config
 
 log = logging.getLogger(__name__)
@@ -122,23 +117,12 @@ def eval_teacher_embeddings(cfg: Config, beir: Any, device: torch.device):
     return Embeddings(qids, dids, q, d)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def _phase_tables(cfg: Config) -> dict[str, tuple[int, dict[str, Sequence[str]]]]:
     """Per phase: (max_length, {role: texts}) of every phase the config trains, plus the eval set if any."""
-    from distill import data as data_mod
-
-    work = cfg.cache_root / "data"
     out: dict[str, tuple[int, dict[str, Sequence[str]]]] = {}
-    if not cfg.training.skip_phase1:
-        d1 = data_mod.load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
-        out["phase1"] = (cfg.phase1.max_length, {"query": d1.queries, "document": d1.documents})
-    if not cfg.training.skip_phase2:
-        d2 = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples, cfg.training.seed, work)
-        out["phase2"] = (cfg.phase2.max_length, {"query": d2.queries, "document": d2.documents})
+    for phase in cfg.phases:
+        data = load_phase_data(cfg, phase)
+        out[f"phase{phase}"] = (cfg.phase(phase).max_length, {"query": data.queries, "document": data.documents})
     if cfg.eval.data:
         from distill.evaluate import read_beir
 
@@ -165,39 +149,3 @@ def precompute(cfg: Config, dry_run: bool = False) -> dict[str, dict[str, Any]]:
         else:
             report[phase] = {"teacher_forward_passes": fill_roles(cfg, cache, spec, tables, info.device)}
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from distill.cli import setup_logging
-    from distill.config import load_config
-
-    p = argparse.ArgumentParser(prog="python -m distill.cache", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--dry-run", action="store_true", help="count cached and missing texts; load no model")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    setup_logging(args.log_level)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        report = precompute(cfg, dry_run=args.dry_run)
-    except DistillError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        D.shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"teacher cache {cfg.cache_root / 'teacher'}")
-        for phase, row in report.items():
-            if args.dry_run:
-                for role, n in row.items():
-                    print(f"  {phase:7s} {role:9s} {n['texts']:>9,} texts  {n['cached']:>9,} cached  "
-                          f"{n['missing']:>9,} to compute")
-            else:
-                print(f"  {phase:7s} teacher forward passes: {row['teacher_forward_passes']:,}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
