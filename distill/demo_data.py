@@ -34,12 +34,12 @@ Output is byte-identical for the same seed, options and Python version (stdlib f
 With the default options on CPython 3.11.7 this gives ~2,000 training rows (the stdlib only holds ~2,700 usable,
 unique docstrings), 400 test queries and ~670 test documents, in about 6 s on 2 cores.
 
-CLI: ``python -m distill.demo_data --out DIR [--seed 0] [--max-train N] [--n-test 400]``.
+CLI: ``python -m distill demo-data --out DIR [--seed 0] [--max-train N] [--n-test 400] [--general N]``
+(:mod:`distill.cli`; ``python -m distill.demo_data ...`` still works).
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -378,25 +378,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.demo_data",
-                                     description="Write an offline retrieval data set built from stdlib docstrings.")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-train", type=int, default=None, help="cap on training rows (default: all)")
-    parser.add_argument("--n-test", type=int, default=400, help="number of held-out test queries")
-    parser.add_argument("--general", type=int, default=0,
-                        help="extra phase-1 rows from installed packages' docstrings (phase1_general.jsonl)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
-    try:
-        build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from distill.cli import main
+
+    sys.exit(main(["demo-data", *sys.argv[1:]]))

@@ -4,15 +4,14 @@ Pipeline: read a BEIR folder -> encode queries and documents -> exact cosine top
 Recall@10, Recall@100 with ``pytrec_eval`` (the reference trec_eval implementation) -> a settings table
 (teacher->teacher, student->student per dim, student->teacher "drop-in") with retention against the teacher.
 
-Also usable from the command line::
+From the command line (:mod:`distill.cli`; ``python -m distill.evaluate ...`` still works)::
 
-    python -m distill.evaluate --model PATH --data BEIR_FOLDER [--teacher ID_OR_PATH] [--dims 768,256,64]
+    python -m distill evaluate --model PATH --data BEIR_FOLDER [--teacher ID_OR_PATH] [--dims 768,256,64]
         [--split test] [--batch-size 64] [--out DIR] [--trust-remote-code]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -495,33 +494,8 @@ def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
+# A saved student (and teacher) end to end: python -m distill evaluate
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _parse_dims(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        dims = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"--dims {text!r}: expected comma-separated integers such as 768,256,64") from None
-    if any(d < 1 for d in dims):
-        raise ConfigError(f"--dims {text!r}: dims must be positive")
-    return dims or None
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="student folder (sentence-transformers format)")
-    parser.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
-    parser.add_argument("--teacher", default=None, help="teacher hub id or folder (adds reference and drop-in rows)")
-    parser.add_argument("--dims", default=None, help="comma-separated student dims to evaluate, e.g. 768,256,64")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", default=None, help="output folder (default: the model folder)")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    return parser.parse_args(argv)
 
 
 def _student_encoder(path: str, batch_size: int, trust_remote_code: bool, device: str) -> EncodeFn:
@@ -556,39 +530,45 @@ def _teacher_embeddings(
     return emb
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: prints the table, writes ``eval.json`` and ``report.md``/``report.json`` into ``--out``."""
+def evaluate_model(
+    model: str,
+    data: str,
+    *,
+    teacher: str | None = None,
+    dims: Sequence[int] | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    out: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate the student folder ``model`` (and ``teacher``, a hub id or folder, if given) on the BEIR folder
+    ``data``; write ``eval.json`` and ``report.md``/``report.json`` into ``out`` (default: the model folder).
+
+    Returns the results (:func:`evaluate_settings` plus ``model``, ``data``, ``split``, ``teacher``) and the
+    output folder. This is ``python -m distill evaluate``.
+    """
     from distill import report
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parse_args(argv)
-    try:
-        dims = _parse_dims(args.dims)
-        if args.batch_size < 1:
-            raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
-        data = read_beir(args.data, args.split)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        teacher = None
-        if args.teacher:
-            teacher = _teacher_embeddings(args.teacher, data, args.batch_size, args.trust_remote_code, device)
-        student = _student_encoder(args.model, args.batch_size, args.trust_remote_code, str(device))
-        results = evaluate_settings(data.queries, data.corpus, data.qrels, student, teacher, dims)
-        results["model"], results["data"], results["split"] = str(args.model), str(args.data), args.split
-        results["teacher"] = args.teacher
-        out_dir = Path(args.out or args.model)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        extra = {"model": args.model, "data": args.data, "split": args.split}
-        if args.teacher:
-            extra["teacher"] = args.teacher
-        report.write_report(out_dir, results, None, None, extra)
-    except DistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report.format_eval_table(results))
-    print(f"\nwrote {out_dir / 'eval.json'} and {out_dir / 'report.md'}")
-    return 0
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    beir = read_beir(data, split)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_emb = _teacher_embeddings(teacher, beir, batch_size, trust_remote_code, device) if teacher else None
+    student = _student_encoder(model, batch_size, trust_remote_code, str(device))
+    results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, student, teacher_emb, dims)
+    results["model"], results["data"], results["split"] = str(model), str(data), split
+    results["teacher"] = teacher
+    out_dir = Path(out or model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    extra = {"model": model, "data": data, "split": split}
+    if teacher:
+        extra["teacher"] = teacher
+    report.write_report(out_dir, results, None, None, extra)
+    return results, out_dir
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distill.cli import main
+
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -14,10 +14,10 @@ start=$(date +%s)
 
 source scripts/setup_env.sh
 python scripts/fetch_demo_models.py --models-dir models
-python -m distill.demo_data --out demo_data --general 3000
+python -m distill demo-data --out demo_data --general 3000
 # The untrained student is the baseline the distilled one must beat.
 mkdir -p runs
-python -m distill.evaluate --model models/all-MiniLM-L6-v2 --data demo_data/test --out runs/baseline-minilm \
+python -m distill evaluate --model models/all-MiniLM-L6-v2 --data demo_data/test --out runs/baseline-minilm \
   > runs/baseline-minilm.log 2>&1 || { cat runs/baseline-minilm.log; exit 1; }
 python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_ddp.py --config "$CONFIG" --overwrite
 python scripts/demo_summary.py --config "$CONFIG" --baseline runs/baseline-minilm/eval.json

@@ -1,4 +1,4 @@
-"""python -m distill.cache: precompute the teacher cache (2 ranks), then training never loads the teacher."""
+"""python -m distill cache: precompute the teacher cache (2 ranks), then training never loads the teacher."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tiny_models import REPO_ROOT, run_torchrun
 
 def _cache_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "distill.cache", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "distill", "cache", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -37,7 +37,8 @@ def test_precompute_then_train_without_teacher(tmp_path, tiny_teacher_dir, tiny_
     assert counts[("eval", "query")] == (0, 24)
     assert "loading teacher" not in before.stderr
 
-    fill = run_torchrun(REPO_ROOT / "distill" / "cache.py", nproc=2, args=["--config", cfg])
+    # torchrun's --module flag: the "script" is the package, as in ``torchrun -m distill cache --config X``
+    fill = run_torchrun("--module", nproc=2, args=["distill", "cache", "--config", cfg])
     assert fill.returncode == 0, fill.stderr[-3000:]
     assert "phase1  teacher forward passes: 192" in fill.stdout
     assert "phase2  teacher forward passes: 0" in fill.stdout  # phase 2's texts are phase 1's

@@ -25,16 +25,26 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One build through the real CLI entry point (``python -m distill.demo_data``)."""
+    """One build through the real CLI entry point (``python -m distill demo-data``)."""
     out = tmp_path_factory.mktemp("demo") / "data"
     proc = subprocess.run(
-        [sys.executable, "-m", "distill.demo_data", "--out", str(out), "--max-train", str(MAX_TRAIN)],
+        [sys.executable, "-m", "distill", "demo-data", "--out", str(out), "--max-train", str(MAX_TRAIN)],
         check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {MAX_TRAIN} training rows and 400 test queries" in proc.stderr
     return out
 
+
+
+def test_python_m_distill_demo_data_still_runs_the_command(tmp_path: Path) -> None:
+    """The old spelling delegates to ``python -m distill demo-data`` (same one-line errors, status 2)."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "distill.demo_data", "--out", str(not_a_dir)], check=False,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: --out {not_a_dir} exists and is not a directory"
 
 def test_files_present_and_no_temporaries(built: Path) -> None:
     files = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())

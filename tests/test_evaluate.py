@@ -1,4 +1,5 @@
-"""Tests for distill.evaluate: BEIR reading, exact search, metrics, the settings table, the CLI and 2-rank eval."""
+"""Tests for distill.evaluate: BEIR reading, exact search, metrics, the settings table, ``python -m distill evaluate``
+and 2-rank eval."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill import cli
 from distill import evaluate as ev
 from distill.errors import ConfigError, DataError, DistillError
 
@@ -485,7 +487,8 @@ def test_student_encoder_uses_saved_prompts(tiny_student):
 
 def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    assert ev.main(["--model", str(tiny_student), "--data", str(beir_words), "--dims", "16,8", "--out", str(out)]) == 0
+    assert cli.main(["evaluate", "--model", str(tiny_student), "--data", str(beir_words), "--dims", "16,8",
+                     "--out", str(out)]) == 0
     results = json.loads((out / "eval.json").read_text())
     assert results["mode"] == "student_only"
     assert [(r["setting"], r["dim"]) for r in results["rows"]] == [("student->student", 16), ("student->student", 8)]
@@ -516,8 +519,8 @@ def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_pa
     fake.TeacherEncoder = FakeTeacher
     monkeypatch.setitem(sys.modules, "distill.models", fake)
     out2 = tmp_path / "out2"
-    code = ev.main(["--model", str(tiny_student), "--data", str(beir_words), "--teacher", "fake/teacher",
-                    "--batch-size", "3", "--out", str(out2)])
+    code = cli.main(["evaluate", "--model", str(tiny_student), "--data", str(beir_words), "--teacher",
+                     "fake/teacher", "--batch-size", "3", "--out", str(out2)])
     assert code == 0
     results = json.loads((out2 / "eval.json").read_text())
     assert seen["spec"] == {"name": "fake/teacher", "trc": False}
@@ -531,10 +534,18 @@ def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_pa
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_student, beir_words, capsys):
-    assert ev.main(["--model", str(tiny_student), "--data", str(tmp_path / "missing")]) == 2
+    assert cli.main(["evaluate", "--model", str(tiny_student), "--data", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing'}: BEIR folder not found"
-    assert ev.main(["--model", str(tiny_student), "--data", str(beir_words), "--dims", "16,x"]) == 2
+    assert cli.main(["evaluate", "--model", str(tiny_student), "--data", str(beir_words), "--dims", "16,x"]) == 2
     assert "--dims '16,x': expected comma-separated integers" in capsys.readouterr().err
     args = ["--model", str(tiny_student), "--data", str(beir_words), "--dims", "32", "--out", str(tmp_path)]
-    assert ev.main(args) == 2
+    assert cli.main(["evaluate", *args]) == 2
     assert "eval dims [32] are outside 1..16" in capsys.readouterr().err
+
+
+def test_python_m_distill_evaluate_still_runs_the_evaluate_command(tmp_path, tiny_student):
+    proc = subprocess.run([sys.executable, "-m", "distill.evaluate", "--model", str(tiny_student), "--data",
+                           str(tmp_path / "missing")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: BEIR folder not found"

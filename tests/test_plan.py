@@ -1,4 +1,5 @@
-"""The --dry-run compute and memory estimates (distill/plan.py): the formulas on the spec's default config."""
+"""The dry run (``python -m distill plan``, distill/plan.py): the compute and memory formulas on the spec's default
+config, and the phase data it reads (through ``load_phase_data``) without writing anything."""
 
 from __future__ import annotations
 
@@ -45,3 +46,37 @@ def test_dry_run_prints_time_against_the_spec_and_memory_hint(monkeypatch, capsy
     total = est["student_flops"] + est["teacher_flops"]
     assert est["hours"] == pytest.approx(total / (989e12 * 0.35 * 8) / 3600)
     assert estimate_compute(load_config(DEFAULT), [], "H100", 8)["student_flops"] == 0.0
+
+
+def test_plan_reads_the_phase_data_and_writes_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The plan loads each enabled phase through load_phase_data in a temporary folder: sizes are read, the
+    config's cache and output folders are not created; a skipped phase is only named."""
+    from tiny_data import tiny_config_yaml, write_training_files
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = write_training_files(tmp_path / "data", n=40)
+    path = tiny_config_yaml(tmp_path, tmp_path / "teacher", tmp_path / "student", files)
+    cfg = load_config(path, ["training.skip_phase1=true"])
+    assert cfg.phases == [2]
+    plan = print_plan(cfg)
+    out = capsys.readouterr().out
+    assert "phase1       skipped" in out
+    (phase2,) = plan["phases"]
+    assert phase2["name"] == "phase2" and phase2["source_note"] == "read" and phase2["examples"] == 40
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_phase_data_default_folder_and_bad_phase(tmp_path: Path, monkeypatch) -> None:
+    from tiny_data import tiny_config_yaml, write_training_files
+
+    from distill.data import Phase1Data, Phase2Data, load_phase_data
+    from distill.errors import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = write_training_files(tmp_path / "data", n=40)
+    cfg = load_config(tiny_config_yaml(tmp_path, tmp_path / "teacher", tmp_path / "student", files))
+    assert isinstance(load_phase_data(cfg, 1), Phase1Data)
+    assert isinstance(load_phase_data(cfg, 2), Phase2Data)
+    assert sorted(p.name.split("-")[0] for p in (cfg.cache_root / "data").iterdir()) == ["phase1", "phase2"]
+    with pytest.raises(ConfigError, match="phase must be 1 or 2"):
+        load_phase_data(cfg, 3)
