@@ -5,7 +5,7 @@ The step is phase 1's: the student's forward on ``--texts`` x ``--length`` token
 MSE to a fixed target, backward (no optimizer: the same for every way). The four ways:
 
 - ``eager-bernoulli``: the stock student (torch's ``bernoulli_`` dropout);
-- ``eager-lanes``: what the trainer runs on CPU (``training.rand_dropout``, ``distill/dropout.py``);
+- ``eager-lanes``: what the trainer runs on CPU with ``training.cpu_tuning`` (``distill/hardware.py``);
 - ``compile-static``: ``torch.compile(forward)`` specialised to this one shape (a real run sees many lengths, so it
   would compile once per length bucket);
 - ``compile-dynamic``: ``torch.compile(forward, dynamic=True)``, which is what ``training.compile: true`` does.
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import DEFAULT_MODELS, check_models, format_table, machine_line  # noqa: E402
-from distill.dropout import use_rand_dropout  # noqa: E402
+from distill.hardware import use_rand_dropout  # noqa: E402
 
 WAYS = ("eager-bernoulli", "eager-lanes", "compile-static", "compile-dynamic")
 BASE = "eager-lanes"

@@ -1,5 +1,5 @@
 """Dropout on CPU three ways, side by side in one run: torch's ``F.dropout`` (``bernoulli_``), a mask from
-``torch.rand(...) >= p`` (this project's first ``rand_dropout``), and ``distill.dropout.rand_dropout`` (15-bit lanes
+``torch.rand(...) >= p`` (this project's first ``rand_dropout``), and ``distill.hardware.rand_dropout`` (15-bit lanes
 of int64 ``random_`` draws, four masks per 64-bit draw).
 
 Each is timed forward + backward (``y = dropout(x); y.backward(g)``) on the two tensors a MiniLM student drops per
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import format_table, machine_line  # noqa: E402
-from distill.dropout import rand_dropout  # noqa: E402
+from distill.hardware import rand_dropout  # noqa: E402
 
 
 def torch_rand_dropout(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ the timing), the same examples, batch sizes and optimizer steps on both sides:
 Every configuration runs in its own subprocess (``--worker``) with the same torch thread count, so peak RSS is
 per configuration. Inside a worker a forward pre-hook on the student's ``Transformer`` module counts the real and
 padded tokens of every training forward (grad enabled, train mode), identically for both trainers; the timing
-window is the training loop only (ours: ``_PhaseRunner.loop``; ST: ``on_train_begin`` .. ``on_train_end``).
+window is the training loop only (ours: ``Trainer._loop``; ST: ``on_train_begin`` .. ``on_train_end``).
 
 Reported per configuration and phase: samples/s, texts/s, padding efficiency = real / padded tokens, teacher
 forward passes, peak RSS, and achieved FLOP/s = (6 N T + 12 layers hidden sum len^2) / s (N = student
@@ -23,13 +23,13 @@ trainings and at the end; the fastest of these is the peak), and the student's o
 input and weight gradients) at the token rows per forward of the row.
 Also the first optimizer step's time (allocations, kernel selection, compilation) and samples/s after it.
 
-Our configurations: fp32, bf16, bf16 with GradCache, fp32 / bf16 with ``training.compile``, and (not by default)
-fp32 / bf16 with torch's own ``bernoulli_`` dropout instead of ``training.rand_dropout`` (``-bernoulli``),
-without page reuse (``-faulting``: ``training.sparse_embedding_grad`` and ``training.keep_freed_memory`` off, so a
-dense word-embedding gradient per forward and glibc's default malloc thresholds), and with every chunk padded exactly
-to its longest text (``-exactpad``: ``training.pad_length_grid=0``, so nearly every step meets new matmul shapes).
-Every row also gives the minor page faults per optimizer step. ``--profile`` runs each uncompiled one once more under
-``torch.profiler`` and prints the share of its loop time per kind of op.
+Our configurations run with ``training.cpu_tuning=true``, as the CPU demo does (on CPU: the faster dropout masks of
+``distill/hardware.py``): fp32, bf16, bf16 with GradCache, fp32 / bf16 with ``training.compile``, and (not by default)
+fp32 / bf16 with ``training.cpu_tuning=false``, i.e. torch's own ``bernoulli_`` dropout (``-bernoulli``). The
+teacher's dtype is pinned to what ``auto`` gives with the tuning on, so every configuration reads the same cached
+targets. Every row also gives the minor page faults per optimizer step. ``--profile`` runs each uncompiled one once
+more under ``torch.profiler`` and prints the share of its loop time per kind of op. ``--set`` adds config overrides to
+every configuration (e.g. other models' dimensions).
 
     python benchmarks/bench_trainer.py                       # ~8 min on 2 cores
     python benchmarks/bench_trainer.py --max-train 256 --steps1 8 --steps2 6 --repeats 2 --profile --json out.json
@@ -59,9 +59,7 @@ class Variant(NamedTuple):
     precision: str  # "fp32" or "bf16"
     cached_infonce: bool  # phase2.cached_infonce
     compile: bool  # training.compile
-    rand_dropout: bool = True  # training.rand_dropout (ours); ST always runs torch's own dropout
-    page_reuse: bool = True  # training.sparse_embedding_grad and training.keep_freed_memory (ours)
-    pad_grid: bool = True  # training.pad_length_grid at its default (ours); False: 0, exact chunk widths
+    cpu_tuning: bool = True  # training.cpu_tuning (ours); ST always runs torch's own dropout
 
 
 VARIANTS = {
@@ -70,14 +68,10 @@ VARIANTS = {
     "ours-bf16-cached": Variant("ours", "bf16", True, False),
     "ours-fp32-compile": Variant("ours", "fp32", False, True),
     "ours-bf16-compile": Variant("ours", "bf16", False, True),
-    "ours-fp32-bernoulli": Variant("ours", "fp32", False, False, rand_dropout=False),
-    "ours-bf16-bernoulli": Variant("ours", "bf16", False, False, rand_dropout=False),
-    "ours-fp32-faulting": Variant("ours", "fp32", False, False, page_reuse=False),
-    "ours-bf16-faulting": Variant("ours", "bf16", False, False, page_reuse=False),
-    "ours-fp32-exactpad": Variant("ours", "fp32", False, False, pad_grid=False),
-    "ours-bf16-exactpad": Variant("ours", "bf16", False, False, pad_grid=False),
-    "st-fp32": Variant("st", "fp32", False, False),
-    "st-bf16": Variant("st", "bf16", False, False),
+    "ours-fp32-bernoulli": Variant("ours", "fp32", False, False, cpu_tuning=False),
+    "ours-bf16-bernoulli": Variant("ours", "bf16", False, False, cpu_tuning=False),
+    "st-fp32": Variant("st", "fp32", False, False, cpu_tuning=False),
+    "st-bf16": Variant("st", "bf16", False, False, cpu_tuning=False),
 }
 DEFAULT_VARIANTS = "ours-fp32,st-fp32,ours-bf16,st-bf16,ours-bf16-cached,ours-fp32-compile,ours-bf16-compile"
 
@@ -104,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models-dir", type=Path, default=C.DEFAULT_MODELS)
     p.add_argument("--workdir", type=Path, default=C.REPO / "runs" / "bench_trainer")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every configuration, after the benchmark's own; repeatable")
     p.add_argument("--worker", choices=["ours", "st", "matmul"], help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -122,8 +118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def pinned_teacher_dtype() -> str:
+    """``model.teacher_dtype: auto`` as a run with ``training.cpu_tuning`` resolves it on this machine, pinned for
+    every configuration: the teacher cache is keyed by dtype, and the warm-up fills it once for all of them."""
+    import torch
+
+    from distill.hardware import teacher_dtype
+
+    return teacher_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"), cpu_tuning=True)
+
+
 def run_sets(args: argparse.Namespace, work: Path, name: str) -> list[str]:
-    """``--set`` items of one configuration: same data, batches, steps and threads; its own output folder."""
+    """``--set`` items of one configuration: same data, batches, steps, threads and teacher dtype; its own output
+    folder; then the user's ``--set`` items."""
     variant = VARIANTS.get(name, Variant("ours", "bf16", False, False))
     return [f"phase1.batch_size={args.batch1}", f"phase2.batch_size={args.batch2}",
             f"phase1.max_steps={args.steps1}", f"phase2.max_steps={args.steps2}",
@@ -132,11 +139,9 @@ def run_sets(args: argparse.Namespace, work: Path, name: str) -> list[str]:
             f"training.num_threads={args.threads}", f"training.precision={variant.precision}",
             f"phase2.cached_infonce={'true' if variant.cached_infonce else 'false'}",
             f"phase2.mini_batch_size={args.mini_batch}", f"training.compile={'true' if variant.compile else 'false'}",
-            f"training.rand_dropout={'true' if variant.rand_dropout else 'false'}",
-            f"training.sparse_embedding_grad={'true' if variant.page_reuse else 'false'}",
-            f"training.keep_freed_memory={'true' if variant.page_reuse else 'false'}",
-            *([] if variant.pad_grid else ["training.pad_length_grid=0"]),
-            f"paths.output_dir={work / 'runs' / name}", f"paths.cache_dir={work / 'cache'}"]
+            f"training.cpu_tuning={'true' if variant.cpu_tuning else 'false'}",
+            f"model.teacher_dtype={pinned_teacher_dtype()}",
+            f"paths.output_dir={work / 'runs' / name}", f"paths.cache_dir={work / 'cache'}", *args.overrides]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,44 +229,44 @@ def cuda_peak_mb() -> float | None:
 def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     """This project's trainer in this process (as ``train_ddp.py`` runs it), its loop timed and its tokens counted."""
     import distill.trainer as T
-    from distill.cli import main
+    from distill.cli import train_main
 
     counter = TokenCounter()
     counter.install()
-    original_loop = T._PhaseRunner.loop
+    original_loop = T.Trainer._loop
 
-    def timed_loop(runner) -> None:
+    def timed_loop(trainer, run) -> None:
         prof = None
         if spec.get("profile"):
             from torch.profiler import ProfilerActivity, profile
 
             prof = profile(activities=[ProfilerActivity.CPU])
-        counter.begin(runner.name)
-        samples0 = runner.state.samples_seen
+        counter.begin(run.name)
+        samples0 = run.state.samples_seen
         try:
             with prof if prof is not None else contextlib.nullcontext():
-                original_loop(runner)
+                original_loop(trainer, run)
         finally:
-            counter.end(runner.state.step, runner.state.samples_seen - samples0)
+            counter.end(run.state.step, run.state.samples_seen - samples0)
         if prof is not None:
             events = prof.key_averages()
-            counter.phases[runner.name]["profile_ms"] = C.profile_breakdown(events)
+            counter.phases[run.name]["profile_ms"] = C.profile_breakdown(events)
             top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-            counter.phases[runner.name]["profile_top_ms"] = [(e.key, e.self_cpu_time_total / 1000.0) for e in top]
+            counter.phases[run.name]["profile_top_ms"] = [(e.key, e.self_cpu_time_total / 1000.0) for e in top]
 
-    original_step = T._PhaseRunner._step
+    original_step = T.Trainer._optimizer_step
 
-    def counted_step(runner, *a, **kw) -> None:
-        original_step(runner, *a, **kw)
+    def counted_step(trainer, run, **kw) -> None:
+        original_step(trainer, run, **kw)
         counter.step_done()
 
-    T._PhaseRunner.loop = timed_loop
-    T._PhaseRunner._step = counted_step
+    T.Trainer._loop = timed_loop
+    T.Trainer._optimizer_step = counted_step
     argv = ["--config", spec["config"], "--overwrite", "--log-level", "WARNING"]
     for item in spec["sets"]:
         argv += ["--set", item]
-    if main(argv) != 0:
-        raise SystemExit("train_ddp.py failed (see the log above)")
+    if train_main(argv) != 0:
+        raise SystemExit("training failed (see the log above)")
     from distill.config import load_config
 
     cfg = load_config(spec["config"], spec["sets"])
@@ -283,12 +288,11 @@ def st_datasets(cfg: Any) -> tuple[Any, Any, int]:
     import torch
     from datasets import Dataset
 
-    from distill import data as data_mod
-    from distill.cache import build_teacher_targets
+    from distill.data import load_phase_data
+    from distill.teacher_targets import build_teacher_targets
 
-    work = cfg.cache_root / "data"
     device = torch.device("cpu")
-    d1 = data_mod.load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
+    d1 = load_phase_data(cfg, 1)
     t1 = build_teacher_targets(cfg, cfg.phase1.max_length, d1.queries, d1.documents, device)
     ex1 = np.asarray(d1.examples)
     texts, labels = [], []
@@ -296,7 +300,7 @@ def st_datasets(cfg: Any) -> tuple[Any, Any, int]:
         texts.append(d1.queries[int(row)] if role == 0 else d1.documents[int(row)])
         labels.append((t1.query if role == 0 else t1.document)(np.asarray([row]))[0].float().tolist())
     phase1 = Dataset.from_dict({"text": texts, "label": labels})
-    d2 = data_mod.load_phase2(cfg.data, cfg.phase2.num_negatives, cfg.phase2.max_samples, cfg.training.seed, work)
+    d2 = load_phase_data(cfg, 2)
     ex2 = np.asarray(d2.examples)
     columns: dict[str, list[str]] = {"anchor": [d2.queries[int(r)] for r in ex2[:, 0]],
                                      "positive": [d2.documents[int(r)] for r in ex2[:, 1]]}
@@ -481,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Teacher targets for every phase, once, outside every timing (ours then reads them; ST gets them as labels).
     t0 = time.perf_counter()
-    fill = subprocess.run([sys.executable, "-m", "distill.cache", "--config", str(config), "--log-level", "WARNING",
+    fill = subprocess.run([sys.executable, "-m", "distill", "cache", "--config", str(config), "--log-level", "WARNING",
                            *[x for s in run_sets(args, work, "warmup") for x in ("--set", s)]],
                           cwd=C.REPO, env=C.bench_env(args.threads), capture_output=True, text=True)
     if fill.returncode != 0:
@@ -639,16 +643,8 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 compiled and compiled["steady_samples_per_s"], eager and eager["steady_samples_per_s"])
     for prec in ("fp32", "bf16"):
         for phase in ("phase1", "phase2"):
-            ratios[f"ours rand/bernoulli dropout {prec} {phase}"] = C.ratio(
+            ratios[f"ours cpu_tuning on/off {prec} {phase}"] = C.ratio(
                 sps(f"ours-{prec}", phase), sps(f"ours-{prec}-bernoulli", phase))
-    for prec in ("fp32", "bf16"):
-        for phase in ("phase1", "phase2", None):
-            ratios[f"ours page reuse/faulting {prec} {phase or 'both'}"] = C.ratio(
-                sps(f"ours-{prec}", phase), sps(f"ours-{prec}-faulting", phase))
-    for prec in ("fp32", "bf16"):
-        for phase in ("phase1", "phase2", None):
-            ratios[f"ours grid/exact padding {prec} {phase or 'both'}"] = C.ratio(
-                sps(f"ours-{prec}", phase), sps(f"ours-{prec}-exactpad", phase))
     lines = [f"{k:44s} {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()]
     return {"ratios": ratios, "lines": lines}
 

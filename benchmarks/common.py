@@ -2,8 +2,9 @@
 
 The workload is ``configs/cpu_demo.yaml`` (teacher all-mpnet-base-v2, student all-MiniLM-L6-v2, projection head
 384 -> 768 -> 768) on the offline docstring data set at reduced size, with every path made absolute and evaluation,
-artifacts and mid-phase checkpoints switched off. The pure functions at the bottom (padding efficiency, FLOP
-counts, matmul peak, table formatting) are what ``tests/test_benchmarks_smoke.py`` checks.
+artifacts and mid-phase checkpoints switched off. The functions at the bottom are the reports' arithmetic (padding
+efficiency, FLOP counts, matmul peak, table formatting); ``tests/test_benchmarks_smoke.py`` runs the scripts end to
+end on tiny models.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def total_teacher_passes(summary: Mapping[str, Any]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Arithmetic of the reports (pure; tested)
+# Arithmetic of the reports (pure)
 # --------------------------------------------------------------------------------------------------------------------
 
 
