@@ -1,9 +1,11 @@
-"""training.rand_dropout: dropout whose mask comes from 15-bit lanes of int64 ``random_`` draws, with nn.Dropout's
-maths, and a student whose dropout modules and SDPA attention use it computes what the stock student computes."""
+"""training.cpu_tuning's dropout (distill.hardware): masks from 15-bit lanes of int64 ``random_`` draws, with
+nn.Dropout's maths; a student whose dropout modules and SDPA attention use it computes what the stock student
+computes; apply_cpu_tuning swaps it in on CPU only and turns a failure into a warning."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -11,9 +13,11 @@ import torch
 from tiny_models import build_tiny_student
 from torch import nn
 
-from distill.dropout import (
+from distill import hardware
+from distill.hardware import (
     ATTENTION_NAME,
     RandDropout,
+    apply_cpu_tuning,
     keep_noise,
     rand_dropout,
     sdpa_rand_dropout_attention,
@@ -212,3 +216,31 @@ def test_causal_attention_without_a_mask_is_left_to_sdpa() -> None:
     got, _ = sdpa_rand_dropout_attention(module, q, k, v, None, dropout=1e-12, scaling=0.3)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(got[:, 0], (v[:, :, 0]), atol=1e-5)  # the first query sees only the first key
+
+
+def test_apply_cpu_tuning_swaps_dropout_on_cpu_only(tmp_path) -> None:
+    path = build_tiny_student(tmp_path / "bert", kind="bert")
+    on_cpu, on_other = _load(path), _load(path)
+    assert apply_cpu_tuning(on_cpu, torch.device("cpu")) is True
+    assert any(isinstance(m, RandDropout) for m in on_cpu.modules())
+    assert not any(type(m) is nn.Dropout for m in on_cpu.modules())
+    assert on_cpu[0].model.config._attn_implementation == ATTENTION_NAME
+    # GPUs draw the mask inside their fused kernels: nothing is swapped.
+    assert apply_cpu_tuning(on_other, torch.device("meta")) is False
+    assert not any(isinstance(m, RandDropout) for m in on_other.modules())
+    assert on_other[0].model.config._attn_implementation != ATTENTION_NAME
+
+
+def test_apply_cpu_tuning_failure_is_a_warning_not_an_error(monkeypatch, caplog) -> None:
+    def broken(model: nn.Module) -> int:
+        raise ImportError("cannot import name 'AttentionInterface'\nsecond line")
+
+    monkeypatch.setattr(hardware, "use_rand_dropout", broken)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
+    with caplog.at_level(logging.WARNING, logger="distill.hardware"):
+        assert apply_cpu_tuning(model, torch.device("cpu")) is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "cpu_tuning" in warnings[0].getMessage() and "ImportError" in warnings[0].getMessage()
+    assert "AttentionInterface" in warnings[0].getMessage() and "second line" not in warnings[0].getMessage()
+    assert type(model[1]) is nn.Dropout  # the stock dropout stays
