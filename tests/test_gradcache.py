@@ -1,5 +1,6 @@
 """GradCache (phase2.cached_infonce) must give the gradients of the plain loss, with dropout active (torch's own and
-training.rand_dropout's, whose torch.rand masks the restored RNG state must replay as well)."""
+training.cpu_tuning's, swapped in by ``distill.hardware.use_rand_dropout``, whose ``random_`` masks the restored RNG
+state must replay as well)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import pytest
 import torch
 from torch import nn
 
-from distill.dropout import RandDropout
 from distill.gradcache import cached_backward
+from distill.hardware import RandDropout, use_rand_dropout
 from distill.losses import InfoNCELoss
 
-DROPOUTS = pytest.mark.parametrize("dropout", [nn.Dropout, RandDropout])
+DROPOUTS = pytest.mark.parametrize("dropout", ["stock", "cpu_tuning"])
 
 
 class DropoutEncoder(nn.Module):
-    def __init__(self, dropout: type[nn.Dropout] = nn.Dropout) -> None:
+    def __init__(self, dropout: str = "stock") -> None:
         super().__init__()
         torch.manual_seed(0)
         self.lin = nn.Linear(12, 8)
-        self.drop = dropout(0.3)
+        self.drop = nn.Dropout(0.3)
+        if dropout == "cpu_tuning":
+            assert use_rand_dropout(self) == 1 and isinstance(self.drop, RandDropout)
 
     def forward(self, chunk: torch.Tensor) -> torch.Tensor:
         return self.drop(torch.tanh(self.lin(chunk)))
@@ -30,7 +33,7 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
 
 
 @DROPOUTS
-def test_cached_backward_matches_full_batch_gradients(dropout: type[nn.Dropout]):
+def test_cached_backward_matches_full_batch_gradients(dropout: str):
     torch.manual_seed(1)
     b, g = 4, 3
     queries, docs = torch.randn(b, 12), torch.randn(b * g, 12)
@@ -62,7 +65,7 @@ def test_cached_backward_matches_full_batch_gradients(dropout: type[nn.Dropout])
 
 
 @DROPOUTS
-def test_cached_backward_restores_rng_for_each_chunk_and_continues_the_stream(dropout: type[nn.Dropout]):
+def test_cached_backward_restores_rng_for_each_chunk_and_continues_the_stream(dropout: str):
     model = DropoutEncoder(dropout).train()
     x = torch.randn(6, 12)
     torch.manual_seed(7)
