@@ -27,12 +27,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.atomic import fresh_tmp_dir, fsync_file, replace_dir
+from distill import distributed as D
+from distill.atomic import fresh_tmp_dir, fsync_file, replace_dir, write_json_atomic
 from distill.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+DONE_MARKER = "DONE"  # in the run folder: the phases a finished run trained and exported
+# Keys that may change between a run and its resume without changing what is trained.
+RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
+                                             "num_threads", "precision", "cpu_tuning", "skip_phase1", "skip_phase2",
+                                             "save_to_artifacts")}
 
 
 @dataclass
@@ -155,3 +161,110 @@ def restore_rng(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], state: TrainState) -> list[str]:
+    """Keys whose change would make the resumed run differ from an uninterrupted one.
+
+    A checkpoint taken at the end of a phase only fixes the model's shape; one taken mid-phase also fixes that phase's
+    hyper-parameters, the data, the teacher targets' dtype and the training settings.
+    """
+    sections = ["model"] if state.phase_done else ["model", f"phase{state.phase}", "data", "cache", "training"]
+    out = []
+    for section in sections:
+        for key, value in (new.get(section) or {}).items():
+            if (section, key) not in RESUME_TOLERANT and old.get(section, {}).get(key) != value:
+                out.append(f"{section}.{key}")
+    return out
+
+
+def truncate_metrics(path: Path, phase: int, step: int) -> None:
+    """Drop log records written after a checkpoint of ``phase`` at ``step`` (the run died after them), so the resumed
+    log continues from the checkpoint's step without duplicates or a jump."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        p = {"phase1": 1, "phase2": 2}.get(rec.get("phase"), 0)
+        if p < phase or (p == phase and rec.get("step", 0) <= step):
+            keep.append(line)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+class CheckpointManager:
+    """A run folder's checkpoints, phase results and DONE marker, and the resume policy over them.
+
+    Collective methods (every rank calls them) are marked so; rank 0 alone reads the folder to choose and writes.
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int):
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.keep_last = keep_last
+
+    def resume_point(self, config: dict[str, Any], *, allow_config_change: bool = False) -> LoadedCheckpoint | None:
+        """The checkpoint to resume from, or None to start afresh (collective: rank 0 chooses, every rank loads it).
+
+        Raises :class:`CheckpointError` when the config changed in a way that would change the result.
+        """
+        ckpt = load_latest(self.ckpt_dir) if D.is_main() else None
+        path = D.broadcast_object(str(ckpt.path) if ckpt else None)
+        if path is None:
+            return None
+        if ckpt is None:
+            ckpt = load_checkpoint(Path(path))
+        changed = config_diff(ckpt.config, config, ckpt.state)
+        if changed and not allow_config_change:
+            raise CheckpointError(
+                f"{ckpt.path}: the config changed since this checkpoint ({', '.join(changed[:5])}); resume with the "
+                "original config, pass --allow-config-change, or --overwrite to start afresh"
+            )
+        if D.is_main():
+            truncate_metrics(self.run_dir / "metrics.jsonl", ckpt.state.phase, ckpt.state.step)
+        return ckpt
+
+    def save(self, name: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: Any | None, state: TrainState, config: dict[str, Any]) -> None:
+        """Checkpoint ``name`` with every rank's RNG state (collective)."""
+        rng = D.all_gather_object(capture_rng())
+        if D.is_main():
+            save_checkpoint(self.ckpt_dir, name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            rng_states=rng, state=state, config=config, keep_last=self.keep_last)
+        D.barrier()
+
+    def phase_weights(self, phase: int) -> Path:
+        return self.run_dir / f"phase{phase}" / "model.safetensors"
+
+    def save_phase_weights(self, phase: int, model: torch.nn.Module) -> None:
+        """The weights at the end of ``phase``, which a later phase-2-only run starts from (collective)."""
+        if D.is_main():
+            out = self.phase_weights(phase)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".tmp-{out.name}")
+            save_file(state_dict_for_save(model), str(tmp))
+            tmp.replace(out)
+        D.barrier()
+
+    def load_phase_weights(self, phase: int, model: torch.nn.Module) -> Path:
+        path = self.phase_weights(phase)
+        if not path.is_file():
+            raise CheckpointError(f"no phase-{phase} result at {path}; run phase {phase} of this experiment first "
+                                  "(same config name and output_dir)")
+        model.load_state_dict(load_file(str(path)))
+        return path
+
+    def finished_phases(self) -> list[int]:
+        """Phases a previous run of this experiment completed and exported (read from its DONE marker)."""
+        try:
+            return list(json.loads((self.run_dir / DONE_MARKER).read_text(encoding="utf-8"))["phases"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    def mark_done(self, phases: list[int]) -> None:
+        write_json_atomic(self.run_dir / DONE_MARKER, {"phases": sorted(set(self.finished_phases()) | set(phases))})

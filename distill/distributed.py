@@ -42,8 +42,10 @@ def env_world_size() -> int:
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun prepared, pick the device, and return this rank's :class:`DistInfo`.
 
-    ``backend=None`` picks NCCL when CUDA is available and gloo otherwise. ``timeout_s`` bounds how long a
-    collective waits for a dead peer before raising, so a killed rank makes the others exit instead of hanging.
+    ``backend=None`` picks ``cuda:nccl,cpu:gloo`` when CUDA is available (NCCL for GPU tensors, gloo for the few CPU
+    tensors some collectives carry, such as pickled objects and counters; an NCCL-only group raises on those) and
+    gloo otherwise. ``timeout_s`` bounds how long a collective waits for a dead peer before raising, so a killed rank
+    makes the others exit instead of hanging.
     """
     global _INFO
     world_size = env_world_size()
@@ -55,7 +57,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        backend = backend or default_backend(device)
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
@@ -65,6 +67,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         )
     _INFO = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     return _INFO
+
+
+def default_backend(device: torch.device) -> str:
+    """The process-group backend for ``device``: every collective must work on CPU tensors as well as on the device."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
 
 def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict[str, Any]:
@@ -173,100 +180,3 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX; Arm's BF16 extension).
-
-    Without it bf16 matmuls are emulated and run *slower* than fp32 ones: see :func:`emulated_bf16_cost`.
-    """
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    if amx() or avx512_bf16():
-        return True
-    try:  # Arm (Graviton 3+, Neoverse V1/N2): the "bf16" feature of /proc/cpuinfo
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.lower().startswith("features") and "bf16" in line.split(":", 1)[-1].split()
-                       for line in f)
-    except OSError:
-        return False
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_BYTES = 32 << 20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
-TRIM_THRESHOLD_BYTES = 1 << 30
-
-
-def is_glibc_linux() -> bool:
-    """Whether this process runs on Linux with glibc, whose ``mallopt`` :func:`keep_freed_memory` calls."""
-    import platform
-    import sys
-
-    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of giving it back to the OS; True if it could.
-
-    A training step allocates and frees the same activations every time. By default glibc serves blocks above a
-    dynamic threshold (128 KB at first) with ``mmap`` and unmaps them on ``free``, and trims the top of its heap, so
-    a later step can get fresh pages again: one page fault per 4 KB touched. With ``mmap`` only above 32 MB and no
-    trimming below 1 GB free, steps reuse the heap's pages: in a micro-benchmark of the CPU demo student's step
-    (with ``sparse_table_grad``) 1,200 faults per step instead of 17,600-23,100; in the whole trainer 20-40 % fewer,
-    the rest being oneDNN's JIT code for new shapes (docs/PERFORMANCE.md). Linux with glibc only; a no-op returning
-    False elsewhere (macOS, musl) or when the environment already sets ``MALLOC_*`` / ``GLIBC_TUNABLES`` values (the
-    user's choice).
-    """
-    import ctypes
-
-    if not is_glibc_linux():
-        return False
-    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    trim_set = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    return bool(mmap_set and trim_set)
-
-
-def emulated_bf16_cost() -> str:
-    """How much slower than fp32 bf16 runs on a CPU without native bf16, by the vector unit torch uses, as measured
-    (torch 2.13, 2 cores): AVX-512 3-4x (Ice Lake Xeon: 2048^2 matmul fp32 227, bf16 61 GFLOP/s; training 0.32-0.36x
-    as fast as fp32), AVX2 only ~30x for a training step and ~400x for a large matmul (EPYC without AVX-512: matmul
-    fp32 125, bf16 0.3 GFLOP/s; all-MiniLM-L6-v2 training step 1.03 s fp32, 29.3 s bf16)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512"):
-        return "3-4x slower than fp32"
-    if capability == "AVX2":
-        return "~30x slower than fp32 for a training step (~400x for a large matmul)"
-    return "slower than fp32"
-
-
-def resolve_precision(requested: str, device: torch.device, *, cached_infonce: bool = False) -> tuple[str, str]:
-    """The autocast precision to train in, and why: ``(precision, reason)``.
-
-    ``auto`` picks bf16 where the hardware multiplies it (CUDA GPUs with bf16, i.e. Ampere and newer; CPUs with
-    AVX512-BF16 / AMX), fp16 with a grad scaler on older GPUs (fp32 when ``cached_infonce``, which refuses fp16),
-    and fp32 on other CPUs. An explicit value is kept; the reason then says when it will be slow.
-    """
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        if requested != "auto":
-            return requested, "" if bf16 or requested != "bf16" else "this GPU has no native bf16"
-        if bf16:
-            return "bf16", "the GPU supports bf16"
-        return ("fp32", "no bf16 on this GPU, and cached_infonce refuses fp16") if cached_infonce else \
-            ("fp16", "no bf16 on this GPU: fp16 with a grad scaler")
-    native = cpu_has_native_bf16()
-    if requested == "auto":
-        return ("bf16", "the CPU has AVX512-BF16 / AMX") if native else \
-            ("fp32", f"the CPU has no AVX512-BF16 / AMX, where bf16 matmuls run emulated, {emulated_bf16_cost()}")
-    if requested == "bf16" and not native:
-        return "bf16", (f"the CPU has no AVX512-BF16 / AMX: bf16 matmuls run emulated, {emulated_bf16_cost()}; "
-                        "set training.precision to auto or fp32")
-    return requested, ""

@@ -1,36 +1,40 @@
-"""Dropout for CPU training whose mask comes from 15-bit slices of ``random_`` integers instead of ``bernoulli_``.
+"""Everything that depends on the hardware: the training precision, and the CPU tuning behind ``training.cpu_tuning``.
 
-On CPU, ``torch.nn.functional.dropout`` draws its mask with ``Tensor.bernoulli_(1 - p)``: one call of the Mersenne
-Twister (torch's CPU generator, not multithreaded) per element plus a float conversion and compare. With a student's
-0.1 dropout on every hidden state and attention matrix, that alone was 11-21 % of a training step on this project's
-2-core CPU machines (docs/PERFORMANCE.md). Here each 64-bit draw of ``random_`` on int64 (uniform on [0, 2^63))
-gives four masks: its four 16-bit lanes, each cut to its low 15 bits (the top lane's 16th bit is always 0), are four
-independent uniform integers L on [0, 2^15). Forward + backward of a dropout runs 1.9-2.7x faster than with a
-``torch.rand(...) >= p`` mask and 2.2-3.6x faster than ``F.dropout`` (``benchmarks/bench_dropout.py``, student-sized
-tensors, fp32 and bf16). The maths is ``nn.Dropout``'s with p on a 2^-15 grid:
+The trainer and the models are device-agnostic; what differs by device lives here:
 
-    t = round(p * 2^15),  keep = L >= t   (P(keep) = q = 1 - t / 2^15, |q - (1 - p)| <= 2^-16)
-    y = x * keep / q                      dy/dx = keep / q      (so E[y] = x exactly)
+* :func:`resolve_precision` turns ``training.precision: auto`` into bf16 on GPUs that multiply bf16 natively, fp16
+  (with a grad scaler) on older GPUs, and fp32 on CPUs, or bf16 on CPUs with AVX512-BF16 / AMX when the CPU tuning
+  is on (:func:`cpu_has_native_bf16`; elsewhere bf16 matmuls are emulated and slower than fp32).
+* :func:`apply_cpu_tuning` is the one call that tunes a CPU run: it swaps the student's dropout for
+  :func:`rand_dropout`, whose mask comes from 15-bit lanes of ``random_`` integers instead of ``bernoulli_``. On
+  CPU, ``F.dropout`` draws one Mersenne Twister number per element; here each 64-bit draw of ``random_`` on int64
+  (uniform on [0, 2^63)) gives four masks, its four 16-bit lanes cut to their low 15 bits. The maths is
+  ``nn.Dropout``'s with p on a 2^-15 grid::
 
-with a different random stream (still ``torch``'s default generator, so ``torch.manual_seed`` per rank decides it,
-checkpoints restore it and GradCache replays it).
+      t = round(p * 2^15),  keep = L >= t   (P(keep) = q = 1 - t / 2^15, |q - (1 - p)| <= 2^-16)
+      y = x * keep / q                      dy/dx = keep / q      (so E[y] = x exactly)
 
-Two places carry a student's dropout: ``nn.Dropout`` modules (hidden states, and attention probabilities in models
-with their own attention code, e.g. MPNet), and the ``dropout`` argument transformers' SDPA attention passes into
-``F.scaled_dot_product_attention`` (BERT, RoBERTa, Qwen2, ...). :func:`use_rand_dropout` swaps the first for
-:class:`RandDropout` and points the second at :func:`sdpa_rand_dropout_attention`, a registered transformers
-attention function that computes attention with this dropout when training on CPU and calls transformers' SDPA
-otherwise. On GPUs the native kernels already draw the mask inside one fused kernel, so nothing is swapped there.
+  with a different random stream (still ``torch``'s default generator, so ``torch.manual_seed`` per rank decides it,
+  checkpoints restore it and GradCache replays it). Two places carry a student's dropout: ``nn.Dropout`` modules,
+  and the ``dropout`` argument transformers' SDPA attention passes into ``F.scaled_dot_product_attention``; the
+  second is pointed at :func:`sdpa_rand_dropout_attention`, registered through transformers' attention interface.
+  This module is the only one that touches transformers' attention internals; if they change, the tuning is
+  skipped with a warning and training goes on with the stock dropout.
+
+``benchmarks/bench_dropout.py`` measures the masks; docs/PERFORMANCE.md has the numbers.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "sdpa_rand_dropout"
 
@@ -150,3 +154,80 @@ def use_rand_dropout(model: nn.Module) -> int:
             sub.set_attn_implementation(ATTENTION_NAME)
             break
     return swapped
+
+
+def apply_cpu_tuning(student: nn.Module, device: torch.device) -> bool:
+    """The CPU tuning of a training run (``training.cpu_tuning``): the faster dropout on a CPU device; a no-op on
+    other devices, whose native kernels draw the mask inside one fused kernel. Returns whether it was applied; a
+    failure (e.g. a transformers version whose attention interface moved) is a warning, not an error."""
+    if device.type != "cpu":
+        return False
+    try:
+        swapped = use_rand_dropout(student)
+    except Exception as e:  # noqa: BLE001 - tuning is optional: any failure leaves the stock dropout in place
+        log.warning("training.cpu_tuning: the faster CPU dropout could not be applied (%s: %s); training goes on "
+                    "with the stock dropout", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
+    log.info("cpu_tuning: dropout from random_ bit lanes (%d dropout modules swapped)", swapped)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX; Arm's BF16 extension)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    if amx() or avx512_bf16():
+        return True
+    try:  # Arm (Graviton 3+, Neoverse V1/N2): the "bf16" feature of /proc/cpuinfo
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.lower().startswith("features") and "bf16" in line.split(":", 1)[-1].split()
+                       for line in f)
+    except OSError:
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device, *, cpu_tuning: bool = False,
+                      cached_infonce: bool = False) -> tuple[str, str]:
+    """The autocast precision to train in, and why: ``(precision, reason)``.
+
+    ``auto`` picks bf16 on CUDA GPUs with bf16 (Ampere and newer), fp16 with a grad scaler on older GPUs (fp32 when
+    ``cached_infonce``, which refuses fp16), and fp32 on CPUs, or bf16 on CPUs with native bf16 when ``cpu_tuning``.
+    An explicit value is kept; the reason then says when it will be slow.
+    """
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if requested != "auto":
+            return requested, "" if bf16 or requested != "bf16" else "this GPU has no native bf16"
+        if bf16:
+            return "bf16", "the GPU supports bf16"
+        return ("fp32", "no bf16 on this GPU, and cached_infonce refuses fp16") if cached_infonce else \
+            ("fp16", "no bf16 on this GPU: fp16 with a grad scaler")
+    if not cpu_tuning:
+        return ("fp32", "CPU (training.cpu_tuning off: no bf16 detection)") if requested == "auto" else (requested, "")
+    native = cpu_has_native_bf16()
+    if requested == "auto":
+        return ("bf16", "the CPU has AVX512-BF16 / AMX") if native else \
+            ("fp32", "the CPU has no AVX512-BF16 / AMX, where bf16 matmuls run emulated, slower than fp32")
+    if requested == "bf16" and not native:
+        return "bf16", ("the CPU has no AVX512-BF16 / AMX: bf16 matmuls run emulated, slower than fp32; "
+                        "set training.precision to auto or fp32")
+    return requested, ""
+
+
+def teacher_dtype(requested: str, device: torch.device, *, cpu_tuning: bool = False) -> str:
+    """``model.teacher_dtype`` resolved: ``auto`` follows :func:`resolve_precision`'s rule for the device."""
+    if requested != "auto":
+        return requested
+    precision = resolve_precision("auto", device, cpu_tuning=cpu_tuning)[0]
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The one autocast context of a forward in ``precision`` (bf16 / fp16 / fp32 = disabled)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from distill.distributed import resolve_precision
 from distill.errors import ConfigError
+from distill.hardware import teacher_dtype
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +110,7 @@ def resolve_teacher_spec(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     device: torch.device | None = None,
+    cpu_tuning: bool = False,
 ) -> TeacherSpec:
     """Read how the teacher embeds (pooling, normalisation, prompts) from its sentence-transformers files.
 
@@ -153,10 +153,9 @@ def resolve_teacher_spec(
         normalize = True if normalize is None else normalize
         query_prompt = query_prompt or ""
         document_prompt = document_prompt or ""
-    if dtype == "auto":  # the student's rule (training.precision: auto): what the hardware multiplies natively
-        if device is None:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[resolve_precision("auto", device)[0]]
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = teacher_dtype(dtype, device, cpu_tuning=cpu_tuning)  # auto: the student's rule for this hardware
     return TeacherSpec(
         name=name, revision=revision, backend=backend, pooling=pooling, normalize=bool(normalize),
         query_prompt=query_prompt, document_prompt=document_prompt, max_length=max_length, dtype=dtype,
@@ -176,8 +175,9 @@ def _st_pooling_mode(pcfg: dict[str, Any]) -> str | None:
     return _POOLING_FROM_ST.get(mode) if mode else None
 
 
-def teacher_spec_from_config(model_cfg: Any, max_length: int, device: torch.device | None = None) -> TeacherSpec:
-    """:func:`resolve_teacher_spec` with the ``model`` section of the config."""
+def teacher_spec_from_config(model_cfg: Any, max_length: int, device: torch.device | None = None, *,
+                             cpu_tuning: bool = False) -> TeacherSpec:
+    """:func:`resolve_teacher_spec` with the ``model`` section of the config (and ``training.cpu_tuning``)."""
     return resolve_teacher_spec(
         model_cfg.teacher,
         revision=model_cfg.teacher_revision,
@@ -189,6 +189,7 @@ def teacher_spec_from_config(model_cfg: Any, max_length: int, device: torch.devi
         dtype=model_cfg.teacher_dtype,
         trust_remote_code=model_cfg.trust_remote_code,
         device=device,
+        cpu_tuning=cpu_tuning,
     )
 
 
@@ -371,87 +372,28 @@ class DistillModel(nn.Module):
     keep padding low without calling the DDP module more than once per backward.
     """
 
-    def __init__(self, student: nn.Module, head: nn.Sequential | None, *, sparse_table_grad: bool = False):
+    def __init__(self, student: nn.Module, head: nn.Sequential | None):
         super().__init__()
         self.student = student
         self.head = head
-        self._lookup_once: bool | None = None  # see _look_up_tokens_once
-        # Word-embedding gradient as sparse rows (see _look_up_tokens_once); the caller keeps a dense .grad on the
-        # table before each backward, so the rows are added into it in place.
-        self.sparse_table_grad = sparse_table_grad
-
-    def token_table(self) -> nn.Embedding | None:
-        """The student's word-embedding table when forwards look tokens up here (see _look_up_tokens_once)."""
-        if self._lookup_once is None:  # a property of the student: checked once
-            self._lookup_once = _token_embedding_table(self.student) is not None
-        return backbone(self.student).get_input_embeddings() if self._lookup_once else None
 
     def student_embedding(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's own sentence embedding [b, student_dim], before any head."""
         return self.student(dict(features))["sentence_embedding"]
 
-    def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.student_embedding(features)
-        if self.head is not None:
-            out = self.head({"sentence_embedding": out})["sentence_embedding"]
-        return out
+    def project(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The head applied to student embeddings [b, student_dim] -> [b, out_dim] (identity without a head)."""
+        if self.head is None:
+            return embedding
+        return self.head({"sentence_embedding": embedding})["sentence_embedding"]
 
     def forward(self, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        if len(chunks) > 1 or self.sparse_table_grad:
-            chunks = self._look_up_tokens_once(chunks)
-        return torch.cat([self.embed(c) for c in chunks], dim=0)
-
-    def _look_up_tokens_once(self, chunks: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """The chunks with ``inputs_embeds`` from one word-embedding lookup over all their tokens, not ``input_ids``.
-
-        The backward of an embedding lookup writes a dense [vocab, hidden] gradient; one lookup per chunk meant one
-        such buffer per chunk (47 MB each for a 30k x 384 table), allocated, zero-filled and summed: 12 % of a
-        phase-2 step on CPU with 9 chunks. One lookup makes it one buffer per forward; the model then adds position
-        and type embeddings to ``inputs_embeds`` as it would to its own lookup. Models without a plain
-        ``nn.Embedding`` input table or an ``inputs_embeds`` argument keep the per-chunk lookup.
-
-        With ``sparse_table_grad`` (also for a single chunk) the lookup's backward is sparse: the gradient rows of the
-        n looked-up tokens [n, hidden], which autograd adds in place into the table's dense ``.grad`` when one exists
-        (``dense += sparse``), instead of a fresh, zero-filled [vocab, hidden] tensor per forward: on CPU each fresh
-        47 MB buffer costs ~11,500 page faults, 14 % of a bf16 phase-1 step (docs/PERFORMANCE.md). The sum is the
-        same; DDP reads the dense ``.grad`` after accumulation. Without a dense ``.grad`` autograd would store the
-        sparse tensor itself, which AdamW cannot use: the trainer keeps one.
-        """
-        table = self.token_table()
-        if table is None:
-            return chunks
-        ids = torch.cat([c["input_ids"].reshape(-1) for c in chunks])
-        flat = F.embedding(ids, table.weight, table.padding_idx, table.max_norm, table.norm_type,
-                           table.scale_grad_by_freq, sparse=table.sparse or self.sparse_table_grad)
-        out, start = [], 0
-        for c in chunks:
-            n = c["input_ids"].numel()
-            feats = {k: v for k, v in c.items() if k != "input_ids"}
-            feats["inputs_embeds"] = flat[start : start + n].view(*c["input_ids"].shape, -1)
-            out.append(feats)
-            start += n
-        return out
+        return self.project(torch.cat([self.student_embedding(c) for c in chunks], dim=0))
 
 
 def backbone(student: Any) -> nn.Module | None:
     """The transformers model inside a sentence-transformers student's first (Transformer) module."""
     return getattr(student[0], "model", None)
-
-
-def _token_embedding_table(student: Any) -> nn.Embedding | None:
-    """The word-embedding table of a sentence-transformers student whose transformers model takes ``inputs_embeds``
-    in place of ``input_ids`` (BERT, MPNet, RoBERTa, Qwen2, ...), else None."""
-    import inspect
-
-    model = backbone(student) if len(student) else None
-    if model is None or not hasattr(model, "get_input_embeddings"):
-        return None
-    table = model.get_input_embeddings()
-    if not isinstance(table, nn.Embedding) or type(table).forward is not nn.Embedding.forward:
-        return None  # e.g. scaled embedding subclasses whose forward is more than the lookup
-    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
-        return None
-    return table
 
 
 def student_output_dim(student: Any) -> int:

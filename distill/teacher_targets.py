@@ -82,7 +82,7 @@ def build_teacher_targets(cfg: Config, phase_max_length: int, queries, documents
     With ``cache.enabled: false`` the teacher stays loaded and runs on every batch instead (the naive baseline the
     cache benchmark compares against).
     """
-    spec = teacher_spec_from_config(cfg.model, phase_max_length, device)
+    spec = teacher_spec_from_config(cfg.model, phase_max_length, device, cpu_tuning=cfg.training.cpu_tuning)
     if not cfg.cache.enabled:
         teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
         bs = cfg.model.teacher_batch_size
@@ -102,7 +102,7 @@ def eval_teacher_embeddings(cfg: Config, beir: Any, device: torch.device):
     """Teacher embeddings of a BEIR eval set (queries with the query prompt, documents without), via the cache."""
     from distill.evaluate import Embeddings
 
-    spec = teacher_spec_from_config(cfg.model, cfg.phase2.max_length, device)
+    spec = teacher_spec_from_config(cfg.model, cfg.phase2.max_length, device, cpu_tuning=cfg.training.cpu_tuning)
     qids, dids = list(beir.queries), list(beir.corpus)
     texts = {"query": [beir.queries[i] for i in qids], "document": [beir.corpus[i] for i in dids]}
     if cfg.cache.enabled:
@@ -138,7 +138,7 @@ def precompute(cfg: Config, dry_run: bool = False) -> dict[str, dict[str, Any]]:
     cache = open_cache(cfg)
     report: dict[str, dict[str, Any]] = {}
     for phase, (max_len, tables) in _phase_tables(cfg).items():
-        spec = teacher_spec_from_config(cfg.model, max_len, info.device)
+        spec = teacher_spec_from_config(cfg.model, max_len, info.device, cpu_tuning=cfg.training.cpu_tuning)
         if dry_run:
             row = {}
             for role, texts in tables.items():

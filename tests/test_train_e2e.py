@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tiny_data import tiny_config_yaml, write_training_files
 from tiny_models import REPO_ROOT, run_torchrun
 
-from distill.distributed import resolve_precision
+from distill.hardware import resolve_precision
 
 
 def train_single(config: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,9 +58,9 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
     return write_training_files(tmp_path_factory.mktemp("data"))
 
 
-def _ddp_run(tmp: Path, teacher: Path, student: Path, files, use_projection: bool) -> tuple[Path, str]:
+def _ddp_run(tmp: Path, teacher: Path, student: Path, files, use_projection: bool, *args: str) -> tuple[Path, str]:
     cfg = tiny_config_yaml(tmp, teacher, student, files, use_projection=use_projection)
-    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg)], timeout=600)
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *args], timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     name = "distilled-model-48d-tiny" if use_projection else "distilled-model-32d-tiny"
     return tmp / "out" / name, res.stdout + res.stderr
@@ -68,7 +68,8 @@ def _ddp_run(tmp: Path, teacher: Path, student: Path, files, use_projection: boo
 
 @pytest.fixture(scope="module")
 def projection_run(tmp_path_factory, tiny_teacher_dir, tiny_student_dir, data_files):
-    return _ddp_run(tmp_path_factory.mktemp("proj"), tiny_teacher_dir, tiny_student_dir, data_files, True)
+    return _ddp_run(tmp_path_factory.mktemp("proj"), tiny_teacher_dir, tiny_student_dir, data_files, True,
+                    "--set", "training.cpu_tuning=true")
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +87,14 @@ def test_projection_two_ranks_trains_both_phases(projection_run):
     assert json.loads((run_dir / "DONE").read_text()) == {"phases": [1, 2]}
     # Two ranks: the global batch is twice the per-rank batch.
     assert "global batch 16" in log
-    # CPU training draws dropout masks from random_ bit lanes (training.rand_dropout): every nn.Dropout of the student swapped.
-    swapped = re.search(r"CPU dropout from random_ bit lanes: (\d+) dropout modules swapped", log)
+    # training.cpu_tuning on a CPU: dropout masks from random_ bit lanes, every nn.Dropout of the student swapped.
+    swapped = re.search(r"cpu_tuning: dropout from random_ bit lanes \((\d+) dropout modules swapped\)", log)
     assert swapped and int(swapped.group(1)) > 0
+
+
+def test_mrl_run_without_cpu_tuning_keeps_stock_dropout(mrl_run):
+    _, log = mrl_run
+    assert "cpu_tuning" not in log
 
 
 def test_projection_artifact_encodes_teacher_dim(projection_run):

@@ -1,0 +1,208 @@
+"""How a micro-batch becomes student inputs, teacher targets and a loss: one object per phase.
+
+The training loop (:mod:`distill.trainer`) is the same for both phases; everything that differs lives here.
+
+* :class:`Phase1Task`: an example is one text ``(role, row)`` (a query or a document); the student embeds the
+  batch's texts ``[b, D]`` and the loss compares them with the teacher's vectors of the same texts ``[b, D_t]``.
+* :class:`Phase2Task`: an example is ``(query, positive, k negatives)``; the b queries and b * (1 + k) documents are
+  embedded in one forward (queries first) and the loss is InfoNCE against every candidate plus a teacher term. With
+  ``phase2.cached_infonce`` the backward is GradCache's (:mod:`distill.gradcache`): the same gradients with the
+  activation memory of one chunk of ``mini_batch_size`` texts.
+
+Texts are sorted by length and padded per chunk (:func:`pad_chunks`), so documents of one batch that vary in
+length waste little compute on padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.hardware import autocast
+
+PAD_MULTIPLE = 8  # padded widths are multiples of 8 tokens: the shapes tensor cores run at full rate
+
+
+@dataclass
+class Encoded:
+    """Token chunks for one forward: ``chunks[i]`` padded to its own length; ``restore`` maps back to input order."""
+
+    chunks: list[dict[str, torch.Tensor]]
+    restore: torch.Tensor  # embeddings_in_input_order = cat(chunk outputs)[restore]
+    real_tokens: int
+    padded_tokens: int
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to ``device``; to a GPU from pinned memory, without waiting for the copy."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def pad_chunks(seqs: list[list[int]], pad_id: int, chunk_size: int, device: torch.device, *,
+               multiple: int = PAD_MULTIPLE, cap: int | None = None) -> Encoded:
+    """Sort ``seqs`` by length, cut into chunks of ``chunk_size`` sequences and pad each chunk to its longest one,
+    rounded up to a multiple of ``multiple`` (never above ``cap``, the phase's max_length, if given)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    chunks = []
+    padded = 0
+    for start in range(0, len(order), chunk_size):
+        idx = order[start : start + chunk_size]
+        longest = max(len(seqs[i]) for i in idx)
+        width = -(-longest // multiple) * multiple
+        width = max(longest, min(width, cap)) if cap is not None else width
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            mask[row, : len(seqs[i])] = 1
+        chunks.append({"input_ids": _to_device(ids, device), "attention_mask": _to_device(mask, device)})
+        padded += ids.numel()
+    restore = torch.empty(len(order), dtype=torch.long)
+    restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return Encoded(chunks, _to_device(restore, device), sum(len(s) for s in seqs), padded)
+
+
+@dataclass
+class MicroBatch:
+    """What one micro-batch gave: its loss (a scalar tensor) and loss terms, and its real and padded token counts."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    real_tokens: int
+    padded_tokens: int
+
+
+NoSync = Callable[[], contextlib.AbstractContextManager]
+
+
+class PhaseTask:
+    """A phase's data (text tables, tokenized tables, teacher targets) and loss; subclasses turn a micro-batch of
+    example indices into a :class:`MicroBatch` (:meth:`loss`) and backpropagate it (:meth:`backward`)."""
+
+    def __init__(self, data: Any, tables: tuple[Any, Any], targets: Any, loss_fn: nn.Module, *, pad_id: int,
+                 max_length: int, device: torch.device, precision: str):
+        self.data, self.tables, self.targets, self.loss_fn = data, tables, targets, loss_fn
+        self.pad_id, self.max_length, self.device, self.precision = pad_id, max_length, device, precision
+
+    def with_loss(self, loss_fn: nn.Module) -> PhaseTask:
+        """The same task with another loss (e.g. one without collectives, for a probe before DDP exists)."""
+        task = copy.copy(self)
+        task.loss_fn = loss_fn
+        return task
+
+    def pad(self, seqs: list[list[int]], chunk_size: int) -> Encoded:
+        return pad_chunks(seqs, self.pad_id, chunk_size, self.device, cap=self.max_length)
+
+    def examples(self, batch: list[int]) -> np.ndarray:
+        return self.data.examples[np.asarray(batch)]
+
+    def loss(self, model: nn.Module, batch: list[int]) -> MicroBatch:
+        raise NotImplementedError
+
+    def backward(self, model: nn.Module, batch: list[int], *, scale: float, scaler: torch.amp.GradScaler,
+                 no_sync: NoSync | None, last: bool) -> MicroBatch:
+        """Forward, loss and backward of ``scale * loss``; gradients sync across ranks only on the ``last`` micro-batch
+        of a step (``no_sync`` is the DDP module's context manager, None in a single process)."""
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            out = self.loss(model, batch)
+            scaler.scale(out.loss * scale).backward()
+        return out
+
+
+class Phase1Task(PhaseTask):
+    """Phase 1: ``loss_fn(student [b, D], teacher [b, D_t])`` over texts of both roles."""
+
+    def loss(self, model: nn.Module, batch: list[int]) -> MicroBatch:
+        ex = self.examples(batch)
+        roles, rows = ex[:, 0], ex[:, 1]
+        seqs = [self.tables[r].input_ids([i])[0] for r, i in zip(roles, rows)]
+        enc = self.pad(seqs, len(seqs))
+        with autocast(self.device, self.precision):
+            emb = model(enc.chunks)[enc.restore]
+        loss, terms = self.loss_fn(emb.float(), self.teacher_vectors(roles, rows))
+        return MicroBatch(loss, terms, enc.real_tokens, enc.padded_tokens)
+
+    def teacher_vectors(self, roles: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """The teacher's vectors [n, D_t] of texts ``(roles[i], rows[i])`` on the device."""
+        out = torch.empty(len(rows), self.targets.dim)
+        is_query = roles == 0
+        if is_query.any():
+            out[torch.from_numpy(is_query)] = self.targets.query(rows[is_query])
+        if (~is_query).any():
+            out[torch.from_numpy(~is_query)] = self.targets.document(rows[~is_query])
+        return _to_device(out, self.device)
+
+
+@dataclass
+class _Phase2Inputs:
+    """Tokenized queries and documents of a phase-2 micro-batch with their teacher targets."""
+
+    queries: Encoded
+    documents: Encoded
+    tq: torch.Tensor  # [b, D_t]
+    td: torch.Tensor  # [b * (1 + k), D_t]
+    doc_ids: torch.Tensor  # [b * (1 + k)]
+
+    @property
+    def chunks(self) -> list[dict[str, torch.Tensor]]:
+        return self.queries.chunks + self.documents.chunks
+
+    def loss(self, loss_fn: nn.Module, out: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``out``: embeddings of the query chunks then the document chunks, in chunk order."""
+        b = self.tq.shape[0]
+        return loss_fn(out[:b][self.queries.restore].float(), out[b:][self.documents.restore].float(), self.doc_ids,
+                       self.tq, self.td)
+
+    def micro_batch(self, loss: torch.Tensor, terms: dict) -> MicroBatch:
+        return MicroBatch(loss, terms, self.queries.real_tokens + self.documents.real_tokens,
+                          self.queries.padded_tokens + self.documents.padded_tokens)
+
+
+class Phase2Task(PhaseTask):
+    """Phase 2: ``loss_fn(q [b, D], docs [b(1+k), D], doc_ids, teacher q, teacher docs)``; with ``cached`` the
+    GradCache backward over chunks of ``mini_batch_size`` texts."""
+
+    def __init__(self, *args: Any, cached: bool = False, mini_batch_size: int = 32, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.cached, self.mini_batch_size = cached, mini_batch_size
+
+    def inputs(self, batch: list[int], chunk_size: int) -> _Phase2Inputs:
+        ex = self.examples(batch)
+        q_rows, d_rows = ex[:, 0], ex[:, 1:].reshape(-1)
+        return _Phase2Inputs(self.pad(self.tables[0].input_ids(q_rows), chunk_size),
+                             self.pad(self.tables[1].input_ids(d_rows), chunk_size),
+                             _to_device(self.targets.query(q_rows), self.device),
+                             _to_device(self.targets.document(d_rows), self.device),
+                             _to_device(torch.from_numpy(np.ascontiguousarray(d_rows)), self.device))
+
+    def loss(self, model: nn.Module, batch: list[int]) -> MicroBatch:
+        inp = self.inputs(batch, len(batch))
+        with autocast(self.device, self.precision):
+            out = model(inp.chunks)
+        return inp.micro_batch(*inp.loss(self.loss_fn, out))
+
+    def backward(self, model: nn.Module, batch: list[int], *, scale: float, scaler: torch.amp.GradScaler,
+                 no_sync: NoSync | None, last: bool) -> MicroBatch:
+        if not self.cached:
+            return super().backward(model, batch, scale=scale, scaler=scaler, no_sync=no_sync, last=last)
+        from distill.gradcache import cached_backward
+
+        inp = self.inputs(batch, self.mini_batch_size)
+
+        def forward(chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+            with autocast(self.device, self.precision):
+                return model([chunk])
+
+        # cached_infonce refuses fp16 (config check), so the scaler is disabled here and the loss is not scaled
+        loss, terms = cached_backward(forward, inp.chunks, lambda e: inp.loss(self.loss_fn, e), scale=scale,
+                                      no_sync=no_sync, sync_last=last, device=self.device)
+        return inp.micro_batch(loss, terms)
