@@ -509,8 +509,8 @@ def test_cli_bad_config_loads_no_model_code(tmp_path: Path) -> None:
     path = write(tmp_path, "phase1:\n  learing_rate: 1.0e-5\n", "bad.yaml")
     probe = write(tmp_path, (
         "import sys\n"
-        "from distill.cli import main\n"
-        f"rc = main(['--config', {str(path)!r}])\n"
+        "from distill.cli import train_main\n"
+        f"rc = train_main(['--config', {str(path)!r}])\n"
         f"print('heavy=' + ','.join(m for m in {_HEAVY_MODULES!r} if m in sys.modules))\n"
         "sys.exit(rc)\n"
     ), "probe.py")
