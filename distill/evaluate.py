@@ -1,13 +1,8 @@
 """Retrieval evaluation of a student (and its teacher) on a BEIR-format held-out set.
 
-Pipeline: read a BEIR folder -> encode queries and documents -> exact cosine top-k search -> nDCG@10, MRR@10,
-Recall@10, Recall@100 with ``pytrec_eval`` (the reference trec_eval implementation) -> a settings table
-(teacher->teacher, student->student per dim, student->teacher "drop-in") with retention against the teacher.
-
-From the command line (:mod:`distill.cli`; ``python -m distill.evaluate ...`` still works)::
-
-    python -m distill evaluate --model PATH --data BEIR_FOLDER [--teacher ID_OR_PATH] [--dims 768,256,64]
-        [--split test] [--batch-size 64] [--out DIR] [--trust-remote-code]
+Read a BEIR folder, encode queries and documents, exact cosine top-k search, then nDCG@10, MRR@10, Recall@10 and
+Recall@100 with ``pytrec_eval``, gathered in a settings table (teacher->teacher, student->student per dim,
+student->teacher "drop-in") with retention against the teacher. Command line: ``python -m distill evaluate``.
 """
 
 from __future__ import annotations
@@ -15,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,9 +29,8 @@ EncodeFn = Callable[[list[str], str], torch.Tensor]
 
 Qrels = dict[str, dict[str, int]]
 METRICS: tuple[str, ...] = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
+TREC_NAMES = {"ndcg@10": "ndcg_cut_10", "mrr@10": "recip_rank", "recall@10": "recall_10", "recall@100": "recall_100"}
 SEARCH_DEPTH = 100  # the deepest cut-off among METRICS
-TEACHER_TEACHER, STUDENT_STUDENT, STUDENT_TEACHER = "teacher->teacher", "student->student", "student->teacher"
-
 T = TypeVar("T")
 
 
@@ -54,67 +48,60 @@ class BeirData:
     qrels: Qrels
 
 
-def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``{_id: {key: str}}`` from a JSON-lines file; any bad line is a :class:`DataError` naming file and line."""
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of the non-blank lines of a text file."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows: dict[str, dict[str, str]] = {}
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            doc_id = obj.get("_id")
-            if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
-                raise DataError(f"{path}:{line_no}: missing or invalid '_id'")
-            doc_id = str(doc_id)
-            if doc_id in rows:
-                raise DataError(f"{path}:{line_no}: duplicate _id {doc_id!r}")
-            fields = {}
-            for key in text_keys:
-                value = obj.get(key, "")
-                if value is None:
-                    value = ""
-                if not isinstance(value, str):
-                    raise DataError(f"{path}:{line_no}: '{key}' must be a string, got {type(value).__name__}")
-                fields[key] = value
-            rows[doc_id] = fields
+            if line.strip():
+                yield line_no, line.rstrip("\r\n")
+
+
+def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{_id: {key: str}}`` from a JSON-lines file; any bad line is a :class:`DataError` naming file and line."""
+    rows: dict[str, dict[str, str]] = {}
+    for line_no, line in _lines(path):
+        where = f"{path}:{line_no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        doc_id = obj.get("_id")
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
+            raise DataError(f"{where}: missing or invalid '_id'")
+        doc_id = str(doc_id)
+        if doc_id in rows:
+            raise DataError(f"{where}: duplicate _id {doc_id!r}")
+        fields = {key: "" if obj.get(key) is None else obj[key] for key in text_keys}
+        for key, value in fields.items():
+            if not isinstance(value, str):
+                raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+        rows[doc_id] = fields
     return rows
 
 
 def _read_qrels(path: Path) -> tuple[Qrels, dict[str, int]]:
     """``({query_id: {corpus_id: score}}, {query_id: first line number})`` from a BEIR qrels TSV."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     qrels: Qrels = {}
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if line_no == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue  # header
-            if len(parts) != 3:
-                raise DataError(
-                    f"{path}:{line_no}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                    f"got {len(parts)}"
-                )
-            qid, did, score_text = (p.strip() for p in parts)
-            if not qid or not did:
-                raise DataError(f"{path}:{line_no}: empty query-id or corpus-id")
-            try:
-                score = int(score_text)
-            except ValueError:
-                raise DataError(f"{path}:{line_no}: score {score_text!r} is not an integer") from None
-            qrels.setdefault(qid, {})[did] = score
-            first_line.setdefault(qid, line_no)
+    for line_no, line in _lines(path):
+        parts = [p.strip() for p in line.split("\t")]
+        if line_no == 1 and parts[0].lower() in ("query-id", "query_id", "qid"):
+            continue  # header
+        where = f"{path}:{line_no}"
+        if len(parts) != 3:
+            raise DataError(f"{where}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(parts)}")
+        qid, did, score = parts
+        if not qid or not did:
+            raise DataError(f"{where}: empty query-id or corpus-id")
+        try:
+            qrels.setdefault(qid, {})[did] = int(score)
+        except ValueError:
+            raise DataError(f"{where}: score {score!r} is not an integer") from None
+        first_line.setdefault(qid, line_no)
     return qrels, first_line
 
 
@@ -139,14 +126,12 @@ def read_beir(folder: str | Path, split: str = "test") -> BeirData:
     missing_docs = {d for judged in qrels.values() for d in judged} - corpus_rows.keys()
     if missing_docs:
         logger.warning("%s: %d judged corpus-ids are not in corpus.jsonl", qrels_path, len(missing_docs))
-    corpus = {did: _join_title(row["title"], row["text"]) for did, row in corpus_rows.items()}
+    corpus = {
+        did: f"{row['title'].strip()} {row['text']}".strip() if row["title"].strip() else row["text"]
+        for did, row in corpus_rows.items()
+    }
     queries = {qid: row["text"] for qid, row in query_rows.items() if qid in qrels}
     return BeirData(corpus=corpus, queries=queries, qrels=qrels)
-
-
-def _join_title(title: str, text: str) -> str:
-    title = title.strip()
-    return f"{title} {text}".strip() if title else text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,63 +147,35 @@ def exact_search(
     chunk_size: int = 16384,
     query_chunk_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` documents by cosine similarity for every query.
+    """Top-``k`` documents by cosine similarity for every query: ``(scores [q, k'], indices [q, k'])`` sorted by
+    descending score, ``k' = min(k, n)``, in at least float32.
 
-    ``s[i, j] = <q_i/|q_i|, d_j/|d_j|>``; returns ``(scores [q, k'], indices [q, k'])`` sorted by descending score,
-    with ``k' = min(k, n)``, computed in at least float32. Queries are processed ``query_chunk_size`` at a time and
-    documents ``chunk_size`` at a time with a running top-k, so the extra memory is
-    ``O(query_chunk_size * (chunk_size + k))`` whatever ``n`` is (documents are normalised per chunk; the full
-    normalised matrix is never built). Computation runs on ``query_emb.device``; ``doc_emb`` may live elsewhere
-    (e.g. CPU) and is moved chunk by chunk.
+    Queries and documents are taken in chunks with a running top-k, so memory stays
+    ``O(query_chunk_size * (chunk_size + k))``. Computation runs on ``query_emb.device``; ``doc_emb`` may live
+    elsewhere (e.g. CPU) and is moved chunk by chunk.
     """
     if query_emb.ndim != 2 or doc_emb.ndim != 2 or query_emb.shape[1] != doc_emb.shape[1]:
         raise ValueError(
             f"exact_search needs [q, d] and [n, d], got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}"
         )
-    if k < 1 or chunk_size < 1 or query_chunk_size < 1:
-        raise ValueError("k, chunk_size and query_chunk_size must be positive")
     device = query_emb.device
-    # at least float32: half-precision inputs (e.g. a float16 teacher cache) are upcast chunk by chunk
     dtype = torch.promote_types(torch.promote_types(query_emb.dtype, doc_emb.dtype), torch.float32)
-    n_queries, n_docs = query_emb.shape[0], doc_emb.shape[0]
-    k = min(k, n_docs)
-    all_scores = torch.empty(n_queries, k, dtype=dtype, device=device)
-    all_indices = torch.empty(n_queries, k, dtype=torch.long, device=device)
-    for q_start in range(0, n_queries, query_chunk_size):
+    k = min(k, doc_emb.shape[0])
+    all_scores, all_indices = [], []
+    for q_start in range(0, query_emb.shape[0], query_chunk_size):
         q = F.normalize(query_emb[q_start : q_start + query_chunk_size].to(dtype), dim=-1)
-        best_scores = torch.full((q.shape[0], 0), float("-inf"), dtype=dtype, device=device)
-        best_indices = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
-        for d_start in range(0, n_docs, chunk_size):
+        scores = torch.empty((q.shape[0], 0), dtype=dtype, device=device)
+        indices = torch.empty((q.shape[0], 0), dtype=torch.long, device=device)
+        for d_start in range(0, doc_emb.shape[0], chunk_size):
             d = F.normalize(doc_emb[d_start : d_start + chunk_size].to(device=device, dtype=dtype), dim=-1)
-            sims = q @ d.T  # [qc, dc]
-            top = torch.topk(sims, min(k, sims.shape[1]), dim=1)
-            cand_scores = torch.cat([best_scores, top.values], dim=1)
-            cand_indices = torch.cat([best_indices, top.indices + d_start], dim=1)
-            keep = torch.topk(cand_scores, min(k, cand_scores.shape[1]), dim=1)
-            best_scores, best_indices = keep.values, torch.gather(cand_indices, 1, keep.indices)
-        all_scores[q_start : q_start + q.shape[0]] = best_scores
-        all_indices[q_start : q_start + q.shape[0]] = best_indices
-    return all_scores, all_indices
-
-
-def build_run(
-    query_ids: Sequence[str], doc_ids: Sequence[str], scores: torch.Tensor, indices: torch.Tensor
-) -> dict[str, dict[str, float]]:
-    """A trec run ``{query_id: {doc_id: score}}`` from :func:`exact_search` output ([q, k] each)."""
-    scores_list, indices_list = scores.detach().cpu().tolist(), indices.detach().cpu().tolist()
-    return {
-        qid: {doc_ids[j]: float(s) for s, j in zip(row_scores, row_indices)}
-        for qid, row_scores, row_indices in zip(query_ids, scores_list, indices_list)
-    }
-
-
-def _cut(run: Mapping[str, Mapping[str, float]], depth: int) -> dict[str, dict[str, float]]:
-    """The ``depth`` best documents per query, ties broken as trec_eval does (doc id descending)."""
-    out = {}
-    for qid, docs in run.items():
-        ranked = sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)[:depth]
-        out[qid] = dict(ranked)
-    return out
+            top = torch.topk(q @ d.T, min(k, d.shape[0]), dim=1)
+            scores = torch.cat([scores, top.values], dim=1)
+            indices = torch.cat([indices, top.indices + d_start], dim=1)
+            keep = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+            scores, indices = keep.values, torch.gather(indices, 1, keep.indices)
+        all_scores.append(scores)
+        all_indices.append(indices)
+    return torch.cat(all_scores), torch.cat(all_indices)
 
 
 def per_query_metrics(
@@ -226,21 +183,19 @@ def per_query_metrics(
 ) -> dict[str, dict[str, float]]:
     """``{query_id: {metric: value}}`` for every query in ``qrels`` (queries absent from ``run`` score 0).
 
-    With ``pytrec_eval``: nDCG@10 = ``ndcg_cut_10`` (graded gains), MRR@10 = ``recip_rank`` on the run cut to its
-    top 10, Recall@k = ``recall_k`` = |relevant in top k| / |relevant|.
+    With ``pytrec_eval``: nDCG@10 = ``ndcg_cut_10``, Recall@k = ``recall_k`` and MRR@10 = ``recip_rank`` on the run
+    cut to its top 10 (ties broken as trec_eval does: doc id descending).
     """
     qrels = {q: dict(d) for q, d in qrels.items()}
+    top10 = {
+        q: dict(sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)[:10]) for q, docs in run.items()
+    }
     deep = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10,100"}).evaluate(dict(run))
-    shallow = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(_cut(run, 10))
+    shallow = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
     out = {}
     for qid in qrels:
-        d, s = deep.get(qid, {}), shallow.get(qid, {})
-        out[qid] = {
-            "ndcg@10": float(d.get("ndcg_cut_10", 0.0)),
-            "mrr@10": float(s.get("recip_rank", 0.0)),
-            "recall@10": float(d.get("recall_10", 0.0)),
-            "recall@100": float(d.get("recall_100", 0.0)),
-        }
+        values = {**deep.get(qid, {}), **shallow.get(qid, {})}
+        out[qid] = {m: float(values.get(name, 0.0)) for m, name in TREC_NAMES.items()}
     return out
 
 
@@ -263,15 +218,14 @@ def retrieval_metrics(
     dim: int | None = None,
     chunk_size: int = 16384,
 ) -> dict[str, float]:
-    """Metrics of cosine retrieval with the first ``dim`` coordinates (all when None), renormalised.
-
-    Truncation is a view; :func:`exact_search` renormalises chunk by chunk, which is exactly MRL's
-    "truncate then L2-normalise".
-    """
+    """Metrics of cosine retrieval with the first ``dim`` coordinates (all when None), renormalised (MRL)."""
     if dim is not None:
         query_emb, doc_emb = query_emb[:, :dim], doc_emb[:, :dim]
     scores, indices = exact_search(query_emb, doc_emb, SEARCH_DEPTH, chunk_size=chunk_size)
-    run = build_run(query_ids, doc_ids, scores, indices)
+    run = {
+        qid: {doc_ids[j]: s for s, j in zip(row_scores, row_indices)}
+        for qid, row_scores, row_indices in zip(query_ids, scores.cpu().tolist(), indices.cpu().tolist())
+    }
     return compute_metrics({q: qrels[q] for q in query_ids}, run)
 
 
@@ -300,9 +254,6 @@ def _eval_ids(
 ) -> tuple[list[str], list[str]]:
     """Ids evaluated: the queries that have qrels (in ``queries`` order) and the whole corpus."""
     query_ids = [q for q in queries if q in qrels]
-    dropped = sum(1 for q in qrels if q not in queries)
-    if dropped:
-        logger.warning("%d qrels queries have no text and are not evaluated", dropped)
     if not query_ids:
         raise DataError("no queries with qrels to evaluate")
     if not corpus:
@@ -335,6 +286,15 @@ def encode_eval_set(
     return Embeddings(query_ids=query_ids, doc_ids=doc_ids, queries=q, documents=d)
 
 
+def _check_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
+    if not dims:
+        return [full_dim]
+    bad = [d for d in dims if not 1 <= int(d) <= full_dim]
+    if bad:
+        raise ConfigError(f"eval dims {bad} are outside 1..{full_dim} (the student's embedding dimension)")
+    return sorted({int(d) for d in dims}, reverse=True)
+
+
 def evaluate_retrieval(
     queries: Mapping[str, str],
     corpus: Mapping[str, str],
@@ -344,25 +304,13 @@ def evaluate_retrieval(
     dims: Sequence[int] | None = None,
     chunk_size: int = 16384,
 ) -> dict[str, dict[str, float]]:
-    """Encode, search and score: ``{str(dim): {metric: mean value}}`` for each (MRL-truncated) dim.
-
-    ``dims=None`` evaluates the full embedding only. Each dim must not exceed the embedding size.
-    """
+    """Encode, search and score: ``{str(dim): {metric: mean value}}`` for each (MRL-truncated) dim of ``dims``
+    (default: the full embedding only)."""
     emb = encode_eval_set(queries, corpus, qrels, encode_query, encode_doc)
-    dims = _check_dims(dims, emb.dim)
     return {
         str(dim): retrieval_metrics(emb.queries, emb.documents, emb.query_ids, emb.doc_ids, qrels, dim, chunk_size)
-        for dim in dims
+        for dim in _check_dims(dims, emb.dim)
     }
-
-
-def _check_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
-    if not dims:
-        return [full_dim]
-    bad = [d for d in dims if not 1 <= int(d) <= full_dim]
-    if bad:
-        raise ConfigError(f"eval dims {bad} are outside 1..{full_dim} (the student's embedding dimension)")
-    return sorted({int(d) for d in dims}, reverse=True)
 
 
 def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str, float] | None) -> dict[str, Any]:
@@ -373,19 +321,14 @@ def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str,
 
 
 def _mean_cosine(student: Embeddings, teacher: Embeddings, chunk_size: int = 16384) -> dict[str, float]:
-    """Mean over texts of cos(student_i, teacher_i): separately for queries, documents, and over all texts.
-
-    Teacher rows are moved to the student's device one chunk at a time (the teacher matrix may be large).
-    """
+    """Mean over texts of cos(student_i, teacher_i) for queries, documents and all texts; teacher rows are moved to
+    the student's device one chunk at a time."""
 
     def cosines(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        parts = [
-            F.cosine_similarity(
-                s[i : i + chunk_size].float(), t[i : i + chunk_size].to(device=s.device, dtype=torch.float32), dim=-1
-            )
+        return torch.cat([
+            F.cosine_similarity(s[i : i + chunk_size].float(), t[i : i + chunk_size].to(s.device, torch.float32))
             for i in range(0, s.shape[0], chunk_size)
-        ]
-        return torch.cat(parts)
+        ])
 
     cos_q = cosines(student.queries, teacher.queries)
     cos_d = cosines(student.documents, teacher.documents)
@@ -417,30 +360,32 @@ def evaluate_settings(
     :class:`Embeddings` (so the teacher can be encoded once and reused over many evaluations).
     """
     query_ids, doc_ids = _eval_ids(queries, corpus, qrels)
-    student_emb = _as_embeddings(student, queries, corpus, qrels, query_ids, doc_ids, "student")
-    teacher_emb = None
-    if teacher is not None:
-        teacher_emb = _as_embeddings(teacher, queries, corpus, qrels, query_ids, doc_ids, "teacher")
+
+    def embeddings(source: EncodeFn | Embeddings, who: str) -> Embeddings:
+        if not isinstance(source, Embeddings):
+            return encode_eval_set(queries, corpus, qrels, source)
+        if source.query_ids != query_ids or source.doc_ids != doc_ids:
+            raise DistillError(f"precomputed {who} embeddings were made for a different eval set (ids differ)")
+        return source
 
     def metrics(q: torch.Tensor, d: torch.Tensor, dim: int | None = None) -> dict[str, float]:
         return retrieval_metrics(q, d, query_ids, doc_ids, qrels, dim, chunk_size)
 
+    student_emb = embeddings(student, "student")
+    teacher_emb = None if teacher is None else embeddings(teacher, "teacher")
     rows: list[dict[str, Any]] = []
     reference = None
     if teacher_emb is not None:
         reference = metrics(teacher_emb.queries, teacher_emb.documents)
-        rows.append(_row(TEACHER_TEACHER, teacher_emb.dim, reference, reference))
+        rows.append(_row("teacher->teacher", teacher_emb.dim, reference, reference))
     for dim in _check_dims(dims, student_emb.dim):
-        truncate = None if dim == student_emb.dim else dim
-        student_metrics = metrics(student_emb.queries, student_emb.documents, truncate)
-        rows.append(_row(STUDENT_STUDENT, dim, student_metrics, reference))
+        rows.append(_row("student->student", dim, metrics(student_emb.queries, student_emb.documents, dim), reference))
     same_dim = teacher_emb is not None and teacher_emb.dim == student_emb.dim
     if same_dim:
         drop_in = metrics(student_emb.queries, teacher_emb.documents)
-        rows.append(_row(STUDENT_TEACHER, student_emb.dim, drop_in, reference))
-    mode = "student_only" if teacher_emb is None else ("projection" if same_dim else "mrl")
+        rows.append(_row("student->teacher", student_emb.dim, drop_in, reference))
     return {
-        "mode": mode,
+        "mode": "student_only" if teacher_emb is None else ("projection" if same_dim else "mrl"),
         "num_queries": len(query_ids),
         "num_documents": len(doc_ids),
         "student_dim": student_emb.dim,
@@ -451,29 +396,12 @@ def evaluate_settings(
     }
 
 
-def _as_embeddings(
-    source: EncodeFn | Embeddings,
-    queries: Mapping[str, str],
-    corpus: Mapping[str, str],
-    qrels: Mapping[str, Any],
-    query_ids: list[str],
-    doc_ids: list[str],
-    who: str,
-) -> Embeddings:
-    if not isinstance(source, Embeddings):
-        return encode_eval_set(queries, corpus, qrels, source)
-    if source.query_ids != query_ids or source.doc_ids != doc_ids:
-        raise DistillError(f"precomputed {who} embeddings were made for a different eval set (ids differ)")
-    return source
-
-
 def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` on rank 0 only and return its result on every rank.
 
-    The other ranks wait at :func:`distill.distributed.barrier` and then receive the result through
-    :func:`distill.distributed.broadcast_object`. If ``fn`` raises on rank 0, rank 0 re-raises it and the other
-    ranks raise a :class:`DistillError` (so nobody hangs). ``fn`` must not itself call collectives: during training,
-    encode with the unwrapped module (``ddp_model.module``) in eval mode, not the DDP wrapper.
+    If ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise a :class:`DistillError` (so nobody
+    hangs). ``fn`` must not itself call collectives: during training, encode with the unwrapped module in eval
+    mode, not the DDP wrapper.
     """
     payload: tuple[str, Any] | None = None
     error: BaseException | None = None
@@ -513,23 +441,6 @@ def _student_encoder(path: str, batch_size: int, trust_remote_code: bool, device
     return encode
 
 
-def _teacher_embeddings(
-    name_or_path: str, data: BeirData, batch_size: int, trust_remote_code: bool, device: torch.device
-) -> Embeddings:
-    """Encode the eval set with the teacher, then drop the teacher so the student has the memory."""
-    from distill.models import TeacherEncoder, resolve_teacher_spec
-
-    spec = resolve_teacher_spec(name_or_path, trust_remote_code=trust_remote_code)
-    teacher = TeacherEncoder(spec, device)
-    emb = encode_eval_set(
-        data.queries, data.corpus, data.qrels, lambda texts, role: teacher.encode(texts, role, batch_size)
-    )
-    teacher = None  # free the teacher before the student loads
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return emb
-
-
 def evaluate_model(
     model: str,
     data: str,
@@ -553,17 +464,24 @@ def evaluate_model(
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     beir = read_beir(data, split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher_emb = _teacher_embeddings(teacher, beir, batch_size, trust_remote_code, device) if teacher else None
+    teacher_emb = None
+    if teacher:
+        from distill.models import TeacherEncoder, resolve_teacher_spec
+
+        encoder = TeacherEncoder(resolve_teacher_spec(teacher, trust_remote_code=trust_remote_code), device)
+        teacher_emb = encode_eval_set(
+            beir.queries, beir.corpus, beir.qrels, lambda texts, role: encoder.encode(texts, role, batch_size)
+        )
+        del encoder  # free the teacher before the student loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     student = _student_encoder(model, batch_size, trust_remote_code, str(device))
     results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, student, teacher_emb, dims)
-    results["model"], results["data"], results["split"] = str(model), str(data), split
-    results["teacher"] = teacher
+    results.update(model=str(model), data=str(data), split=split, teacher=teacher)
     out_dir = Path(out or model)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    extra = {"model": model, "data": data, "split": split}
-    if teacher:
-        extra["teacher"] = teacher
+    extra = {key: results[key] for key in ("model", "data", "split", "teacher") if results[key]}
     report.write_report(out_dir, results, None, None, extra)
     return results, out_dir
 
