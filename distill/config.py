@@ -97,6 +97,8 @@ class PhaseCommon:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0 disables clipping
     max_steps: int | None = None  # stop the phase after this many optimizer steps (None: the epochs decide)
+    # fraction of the phase's optimizer steps spent in linear warm-up; when set it replaces warmup_steps
+    warmup_ratio: float | None = None
 
     def validate(self, section: str) -> None:
         _positive(self, "batch_size", "learning_rate", "num_epochs", "max_length", "gradient_accumulation_steps",
@@ -104,6 +106,14 @@ class PhaseCommon:
         _non_negative(self, "warmup_steps", "mse_weight", "weight_decay", "max_grad_norm", section=section)
         if self.max_steps is not None:
             _positive(self, "max_steps", section=section)
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{section}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up steps of a phase of ``total_steps`` optimizer steps (``warmup_ratio`` first, else ``warmup_steps``)."""
+        if self.warmup_ratio is not None:
+            return round(self.warmup_ratio * total_steps)
+        return self.warmup_steps
 
 
 @dataclass

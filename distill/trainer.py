@@ -172,9 +172,10 @@ class Trainer:
     def train_phase(self, phase: int, ckpt: LoadedCheckpoint | None) -> None:
         run = self._prepare_phase(phase, ckpt)
         log.info("%s: %d examples, %d batches/rank/epoch of %d (global batch %d, x%d accumulation = %d per step), "
-                 "%d optimizer steps", run.name, len(run.task.data.examples), len(run.sampler),
+                 "%d optimizer steps (%d of warm-up)", run.name, len(run.task.data.examples), len(run.sampler),
                  run.sampler.batch_size, run.sampler.global_batch_size, run.accum,
-                 run.sampler.global_batch_size * run.accum, run.total_steps)
+                 run.sampler.global_batch_size * run.accum, run.total_steps,
+                 self.cfg.phase(phase).warmup(run.total_steps))
         self._loop(run)
         totals = D.all_reduce_sum(torch.tensor([run.real_tokens, run.padded_tokens], dtype=torch.float64))
         self.padding[run.name] = float(totals[0] / totals[1]) if totals[1] > 0 else 1.0
@@ -219,15 +220,16 @@ class Trainer:
         total_steps = math.ceil(len(sampler) / accum) * pcfg.num_epochs
         if pcfg.max_steps is not None:
             total_steps = min(total_steps, pcfg.max_steps)
-        if pcfg.warmup_steps >= total_steps:
-            log.warning("%s.warmup_steps %d >= the phase's %d optimizer steps: the learning rate never leaves warm-up "
-                        "(peak lr is never reached); lower warmup_steps", name, pcfg.warmup_steps, total_steps)
+        warmup = pcfg.warmup(total_steps)
+        if warmup >= total_steps:
+            log.warning("%s: warm-up (%d steps) is not shorter than the phase (%d optimizer steps), so the learning "
+                        "rate never reaches its peak; lower warmup_steps or set warmup_ratio", name, warmup, total_steps)
         head = self.model.head is not None
         if phase == 1 and ckpt is None and head and cfg.model.head_init == "least_squares":
             self._init_head_least_squares(task)
         self._freeze_unused_parameters(phase, task, sampler)
         optimizer = _adamw(self.model, pcfg.learning_rate, pcfg.weight_decay, cfg.model.head_lr_multiplier)
-        scheduler = get_linear_schedule_with_warmup(optimizer, min(pcfg.warmup_steps, total_steps), total_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total_steps), total_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.training.precision == "fp16")
         state = self._restore(ckpt, optimizer, scheduler, scaler) if ckpt is not None else TrainState(phase=phase)
         head_only = round(pcfg.head_only_fraction * total_steps) if phase == 1 and head else 0

@@ -677,3 +677,13 @@ def test_default_yaml_lists_every_key_of_every_section() -> None:
     for section, values in load_config(None).to_dict().items():
         missing = [k for k in values if k not in (raw.get(section) or {})]
         assert not missing, f"configs/default.yaml lacks {section}.{missing}"
+
+
+def test_warmup_ratio_replaces_warmup_steps(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "phase1:\n  warmup_steps: 1000\n  warmup_ratio: 0.1\n"))
+    assert cfg.phase1.warmup(293) == 29
+    assert cfg.phase2.warmup(293) == 500  # no ratio: the step count
+    shipped = load_config(CONFIGS / "default.yaml")
+    assert shipped.phase1.warmup(293) < 293 and shipped.phase2.warmup(366) < 366
+    with pytest.raises(ConfigError, match="phase2.warmup_ratio must be in"):
+        load_config(write(tmp_path, "phase2:\n  warmup_ratio: 1.0\n"))
