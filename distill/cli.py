@@ -77,7 +77,7 @@ def _load(args: argparse.Namespace) -> Any:
 def _plan(args: argparse.Namespace) -> int:
     from distill.plan import print_plan
 
-    print_plan(_load(args))
+    print_plan(_load(args), nproc=args.nproc, gpu=args.gpu)
     return 0
 
 
@@ -167,8 +167,19 @@ def _config_parent() -> argparse.ArgumentParser:
     return p
 
 
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    from distill.plan import GPU_PEAK_BF16
+
+    p.add_argument("--nproc", type=int, default=None,
+                   help="GPUs to plan for (default: torchrun's WORLD_SIZE, else 1)")
+    p.add_argument("--gpu", default="H100", choices=sorted(GPU_PEAK_BF16), help="GPU type to plan for")
+    p.set_defaults(func=_plan)
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights, train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the plan (with --nproc / --gpu); load no weights, train nothing")
+    _add_plan_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="retrain an experiment that already finished")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume from a checkpoint even though the config changed since it was written")
@@ -211,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "distill the teacher into the student (run under torchrun for DDP)", _config_parent,
          _add_train_arguments),
         ("plan", "validate a config and print what training would do (= train --dry-run)", _config_parent,
-         lambda q: q.set_defaults(func=_plan)),
+         _add_plan_arguments),
         ("cache", "fill the teacher embedding cache ahead of training (also under torchrun)", _config_parent,
          _add_cache_arguments),
         ("evaluate", "retrieval metrics of a student (and its teacher) on a BEIR folder", _logging_parent,

@@ -171,7 +171,7 @@ def test_dry_run_two_processes_on_cpu_prints_plan_and_command(tmp_path, tiny_tea
     assert cmd[6] == str(REPO / "train_ddp.py")
     assert cmd[7:] == ["--config", str(config), "--dry-run"]
     # train_ddp.py's plan, computed for world size 2 (tiny config: batch 8/rank, accumulation 2 then 1), printed once
-    assert out.count("world size   2 process(es)") == 1
+    assert out.count("planned on   2xH100") == 1
     assert "batch      8/rank, 16 global, x2 accumulation = 32 per optimizer step" in out
     assert "batch      8/rank, 16 global, x1 accumulation = 16 per optimizer step" in out
     assert "3 hard negatives, cross-rank" in out

@@ -3,49 +3,64 @@ config, and the phase data it reads (through ``load_phase_data``) without writin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from distill.config import load_config
-from distill.plan import KNOWN_PARAMS, activation_bytes, estimate_compute, estimate_memory, print_plan
+from distill.plan import KNOWN_SHAPES, Shape, activation_bytes, print_plan
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def test_activation_formula() -> None:
     # 1 layer, 2 texts of 10 tokens, hidden 8, 2 heads: 10 * 2 * 8 * (34 + 5 * 2 * 10 / 8) bytes
-    assert activation_bytes((8, 1, 2), 2, 10) == pytest.approx(10 * 2 * 8 * (34 + 12.5))
+    shape = Shape(8, 1, 2, 32, 100, False, "test")
+    assert activation_bytes(shape, 2, 10) == pytest.approx(10 * 2 * 8 * (34 + 12.5))
+    assert shape.params == 4 * 64 + 2 * 8 * 32  # attention + MLP, no embeddings
+    assert shape.forward_flops(100, 10) == pytest.approx(100 * (2 * shape.params + 4 * 1 * 8 * 10))
 
 
-def test_memory_of_the_default_config_and_gradcache(monkeypatch) -> None:
+def test_default_recipe_on_8_gpus_has_no_warnings_and_states_assumptions(monkeypatch, capsys) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = load_config(DEFAULT)
-    mem = estimate_memory(cfg)
-    ps = KNOWN_PARAMS["sentence-transformers/all-mpnet-base-v2"]
-    head = 768 * 1536 + 1536 * 3584
-    states = 16 * (ps + head)
-    assert mem["phase1_texts_per_forward"] == 64 and mem["phase2_texts_per_forward"] == 64 * 9
-    assert mem["phase1"] == pytest.approx(states + activation_bytes((768, 12, 12), 64, 512))
-    assert mem["phase2"] == pytest.approx(states + activation_bytes((768, 12, 12), 576, 512))
-    assert mem["phase2"] > 80e9  # 576 texts of 512 tokens cannot fit on an 80 GB GPU without GradCache ...
-    cached = estimate_memory(load_config(DEFAULT, ["phase2.cached_infonce=true", "phase2.mini_batch_size=32"]))
-    assert cached["phase2_texts_per_forward"] == 32 and cached["phase2"] < 20e9  # ... and fits with it
-    assert mem["teacher"] > 2 * KNOWN_PARAMS["infly/inf-retriever-v1-pro"]  # bf16 weights + activations
-
-
-def test_dry_run_prints_time_against_the_spec_and_memory_hint(monkeypatch, capsys) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    plan = print_plan(load_config(DEFAULT))
+    plan = print_plan(load_config(DEFAULT), nproc=8)
     out = capsys.readouterr().out
-    assert "on 8xH100" in out and "the spec's standard run takes 4-5 h on 8 GPUs" in out
-    assert "phase 2 may not fit: set phase2.cached_infonce: true" in out
-    est = plan["compute"]
-    assert est["world"] == 8 and est["gpu"] == "H100"
-    total = est["student_flops"] + est["teacher_flops"]
-    assert est["hours"] == pytest.approx(total / (989e12 * 0.35 * 8) / 3600)
-    assert estimate_compute(load_config(DEFAULT), [], "H100", 8)["student_flops"] == 0.0
+    assert plan["warnings"] == [] and "warning" not in out
+    assert "assumed MFU: teacher 40%, student 20%" in out and "assumed: the caps' row counts" in out
+    assert 0 < plan["hours"] < 1.0  # the standard run on 8xH100 under an hour at the stated MFU
+    phase1, phase2 = plan["phases"]
+    assert (phase1["steps"], phase1["warmup"]) == (293, 29) and (phase2["steps"], phase2["warmup"]) == (366, 37)
+    # unique texts, not examples x 9: queries once, documents from a shared corpus
+    assert (phase2["unique_queries"], phase2["unique_documents"]) == (500_000, 1_000_000)
+    teacher = KNOWN_SHAPES["infly/inf-retriever-v1-pro"]
+    est = phase2["compute"]
+    tokens = 500_000 * 12 + 1_000_000 * 80
+    shape = Shape(*teacher, source="test")
+    assert est["teacher_flops"] == pytest.approx(shape.forward_flops(tokens, 80))
+    assert phase2["memory"]["texts_per_forward"] == 64 * 9
+
+
+def test_plan_warns_about_warmup_and_memory(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(DEFAULT, ["phase1.warmup_ratio=null", "phase2.max_length=512", "phase2.batch_size=128"])
+    plan = print_plan(cfg, nproc=8)
+    assert any("phase1: warm-up (1000 steps) is not shorter than the phase" in w for w in plan["warnings"])
+    assert any("phase2 may not fit in 80 GB: set phase2.cached_infonce: true" in w for w in plan["warnings"])
+    cached = print_plan(load_config(DEFAULT, ["phase2.batch_size=128", "phase2.cached_infonce=true"]), nproc=8)
+    assert cached["phases"][1]["memory"]["texts_per_forward"] == 32 and cached["warnings"] == []
+    more = print_plan(load_config(DEFAULT), nproc=16)
+    assert more["phases"][0]["steps"] < 293 and more["hours"] < print_plan(load_config(DEFAULT), nproc=8)["hours"]
+
+
+def test_cli_plan_takes_the_world_size(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "distill", "plan", "--config", str(DEFAULT), "--nproc", "4"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "planned on   4xH100" in res.stdout and "256 global" in res.stdout
 
 
 def test_plan_reads_the_phase_data_and_writes_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -62,7 +77,7 @@ def test_plan_reads_the_phase_data_and_writes_nothing(tmp_path: Path, monkeypatc
     out = capsys.readouterr().out
     assert "phase1       skipped" in out
     (phase2,) = plan["phases"]
-    assert phase2["name"] == "phase2" and phase2["source_note"] == "read" and phase2["examples"] == 40
+    assert phase2["name"] == "phase2" and phase2["data_note"].startswith("read") and phase2["examples"] == 40
     assert not (tmp_path / "out").exists()
 
 
