@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,15 +28,11 @@ EncodeFn = Callable[[list[str], str], torch.Tensor]
 """(texts, role "query" | "document") -> float32 embeddings [len(texts), d]."""
 
 Qrels = dict[str, dict[str, int]]
-METRICS: tuple[str, ...] = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
 TREC_NAMES = {"ndcg@10": "ndcg_cut_10", "mrr@10": "recip_rank", "recall@10": "recall_10", "recall@100": "recall_100"}
+METRICS: tuple[str, ...] = tuple(TREC_NAMES)
 SEARCH_DEPTH = 100  # the deepest cut-off among METRICS
+CHUNK = 16384  # documents (or texts) moved to the computing device at a time
 T = TypeVar("T")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# BEIR reader
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -83,10 +79,9 @@ def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, dict[str, str
     return rows
 
 
-def _read_qrels(path: Path) -> tuple[Qrels, dict[str, int]]:
-    """``({query_id: {corpus_id: score}}, {query_id: first line number})`` from a BEIR qrels TSV."""
+def _read_qrels(path: Path, queries_path: Path, query_ids: Container[str]) -> Qrels:
+    """``{query_id: {corpus_id: score}}`` from a BEIR qrels TSV whose query-ids are all in ``query_ids``."""
     qrels: Qrels = {}
-    first_line: dict[str, int] = {}
     for line_no, line in _lines(path):
         parts = [p.strip() for p in line.split("\t")]
         if line_no == 1 and parts[0].lower() in ("query-id", "query_id", "qid"):
@@ -97,12 +92,13 @@ def _read_qrels(path: Path) -> tuple[Qrels, dict[str, int]]:
         qid, did, score = parts
         if not qid or not did:
             raise DataError(f"{where}: empty query-id or corpus-id")
+        if qid not in query_ids:
+            raise DataError(f"{where}: query-id {qid!r} is not in {queries_path}")
         try:
             qrels.setdefault(qid, {})[did] = int(score)
         except ValueError:
             raise DataError(f"{where}: score {score!r} is not an integer") from None
-        first_line.setdefault(qid, line_no)
-    return qrels, first_line
+    return qrels
 
 
 def read_beir(folder: str | Path, split: str = "test") -> BeirData:
@@ -117,12 +113,9 @@ def read_beir(folder: str | Path, split: str = "test") -> BeirData:
     corpus_rows = _read_jsonl(folder / "corpus.jsonl", ("title", "text"))
     query_rows = _read_jsonl(folder / "queries.jsonl", ("text",))
     qrels_path = folder / "qrels" / f"{split}.tsv"
-    qrels, first_line = _read_qrels(qrels_path)
+    qrels = _read_qrels(qrels_path, folder / "queries.jsonl", query_rows)
     if not qrels:
         raise DataError(f"{qrels_path}: no qrels")
-    for qid, line_no in first_line.items():
-        if qid not in query_rows:
-            raise DataError(f"{qrels_path}:{line_no}: query-id {qid!r} is not in {folder / 'queries.jsonl'}")
     missing_docs = {d for judged in qrels.values() for d in judged} - corpus_rows.keys()
     if missing_docs:
         logger.warning("%s: %d judged corpus-ids are not in corpus.jsonl", qrels_path, len(missing_docs))
@@ -134,17 +127,12 @@ def read_beir(folder: str | Path, split: str = "test") -> BeirData:
     return BeirData(corpus=corpus, queries=queries, qrels=qrels)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Exact search and metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def exact_search(
     query_emb: torch.Tensor,
     doc_emb: torch.Tensor,
     k: int,
-    chunk_size: int = 16384,
+    chunk_size: int = CHUNK,
     query_chunk_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` documents by cosine similarity for every query: ``(scores [q, k'], indices [q, k'])`` sorted by
@@ -204,34 +192,7 @@ def compute_metrics(
 ) -> dict[str, float]:
     """:func:`per_query_metrics` averaged over the queries of ``qrels``."""
     per_query = per_query_metrics(qrels, run)
-    if not per_query:
-        raise DataError("no queries with qrels to evaluate")
     return {m: sum(v[m] for v in per_query.values()) / len(per_query) for m in METRICS}
-
-
-def retrieval_metrics(
-    query_emb: torch.Tensor,
-    doc_emb: torch.Tensor,
-    query_ids: Sequence[str],
-    doc_ids: Sequence[str],
-    qrels: Mapping[str, Mapping[str, int]],
-    dim: int | None = None,
-    chunk_size: int = 16384,
-) -> dict[str, float]:
-    """Metrics of cosine retrieval with the first ``dim`` coordinates (all when None), renormalised (MRL)."""
-    if dim is not None:
-        query_emb, doc_emb = query_emb[:, :dim], doc_emb[:, :dim]
-    scores, indices = exact_search(query_emb, doc_emb, SEARCH_DEPTH, chunk_size=chunk_size)
-    run = {
-        qid: {doc_ids[j]: s for s, j in zip(row_scores, row_indices)}
-        for qid, row_scores, row_indices in zip(query_ids, scores.cpu().tolist(), indices.cpu().tolist())
-    }
-    return compute_metrics({q: qrels[q] for q in query_ids}, run)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Encoding and the settings table
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -249,6 +210,18 @@ class Embeddings:
         return int(self.queries.shape[1])
 
 
+def retrieval_metrics(
+    emb: Embeddings, qrels: Mapping[str, Mapping[str, int]], dim: int | None = None
+) -> dict[str, float]:
+    """Metrics of cosine retrieval with the first ``dim`` coordinates (all when None), renormalised (MRL)."""
+    scores, indices = exact_search(emb.queries[:, :dim], emb.documents[:, :dim], SEARCH_DEPTH)
+    run = {
+        qid: {emb.doc_ids[j]: s for s, j in zip(row_scores, row_indices)}
+        for qid, row_scores, row_indices in zip(emb.query_ids, scores.cpu().tolist(), indices.cpu().tolist())
+    }
+    return compute_metrics({q: qrels[q] for q in emb.query_ids}, run)
+
+
 def _eval_ids(
     queries: Mapping[str, str], corpus: Mapping[str, str], qrels: Mapping[str, Any]
 ) -> tuple[list[str], list[str]]:
@@ -262,9 +235,8 @@ def _eval_ids(
 
 
 def _checked(emb: torch.Tensor, n: int, who: str) -> torch.Tensor:
-    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != n:
-        shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-        raise DistillError(f"{who} returned {shape}, expected a [{n}, dim] tensor")
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise DistillError(f"{who} returned {tuple(emb.shape)}, expected a [{n}, dim] tensor")
     return emb.float()
 
 
@@ -302,15 +274,11 @@ def evaluate_retrieval(
     encode_query: EncodeFn,
     encode_doc: EncodeFn,
     dims: Sequence[int] | None = None,
-    chunk_size: int = 16384,
 ) -> dict[str, dict[str, float]]:
     """Encode, search and score: ``{str(dim): {metric: mean value}}`` for each (MRL-truncated) dim of ``dims``
     (default: the full embedding only)."""
     emb = encode_eval_set(queries, corpus, qrels, encode_query, encode_doc)
-    return {
-        str(dim): retrieval_metrics(emb.queries, emb.documents, emb.query_ids, emb.doc_ids, qrels, dim, chunk_size)
-        for dim in _check_dims(dims, emb.dim)
-    }
+    return {str(dim): retrieval_metrics(emb, qrels, dim) for dim in _check_dims(dims, emb.dim)}
 
 
 def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str, float] | None) -> dict[str, Any]:
@@ -320,14 +288,14 @@ def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str,
     return {"setting": setting, "dim": dim, "metrics": metrics, "retention": retention}
 
 
-def _mean_cosine(student: Embeddings, teacher: Embeddings, chunk_size: int = 16384) -> dict[str, float]:
+def _mean_cosine(student: Embeddings, teacher: Embeddings) -> dict[str, float]:
     """Mean over texts of cos(student_i, teacher_i) for queries, documents and all texts; teacher rows are moved to
     the student's device one chunk at a time."""
 
     def cosines(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.cat([
-            F.cosine_similarity(s[i : i + chunk_size].float(), t[i : i + chunk_size].to(s.device, torch.float32))
-            for i in range(0, s.shape[0], chunk_size)
+            F.cosine_similarity(s[i : i + CHUNK].float(), t[i : i + CHUNK].to(s.device, torch.float32))
+            for i in range(0, s.shape[0], CHUNK)
         ])
 
     cos_q = cosines(student.queries, teacher.queries)
@@ -347,17 +315,13 @@ def evaluate_settings(
     student: EncodeFn | Embeddings,
     teacher: EncodeFn | Embeddings | None = None,
     dims: Sequence[int] | None = None,
-    chunk_size: int = 16384,
 ) -> dict[str, Any]:
     """The settings table, as a JSON-serialisable dict.
 
-    Rows (each ``{"setting", "dim", "metrics": {metric: value}, "retention": {metric: value/teacher value} | None}``):
-    ``teacher->teacher`` (the reference; only with a teacher), one ``student->student`` row per dim in ``dims``
-    (default: the student's full dim; smaller dims are truncated then renormalised, i.e. MRL), and, when the student
-    outputs the teacher's dim ("projection" mode), ``student->teacher`` = student queries against teacher documents
-    (drop-in replacement of the query encoder). ``mean_cosine`` compares student and teacher embeddings of the same
-    held-out texts when their dims agree. ``student`` / ``teacher`` may be encoders or precomputed
-    :class:`Embeddings` (so the teacher can be encoded once and reused over many evaluations).
+    Rows ``{"setting", "dim", "metrics", "retention" (metric / teacher's, or None)}``: ``teacher->teacher`` (with a
+    teacher), ``student->student`` per dim of ``dims`` (default: the full dim; MRL truncation) and, when student and
+    teacher dims agree ("projection" mode), ``student->teacher`` (student queries against teacher documents) and
+    ``mean_cosine`` of both embeddings of the same texts. ``student`` / ``teacher``: encoders or :class:`Embeddings`.
     """
     query_ids, doc_ids = _eval_ids(queries, corpus, qrels)
 
@@ -368,21 +332,18 @@ def evaluate_settings(
             raise DistillError(f"precomputed {who} embeddings were made for a different eval set (ids differ)")
         return source
 
-    def metrics(q: torch.Tensor, d: torch.Tensor, dim: int | None = None) -> dict[str, float]:
-        return retrieval_metrics(q, d, query_ids, doc_ids, qrels, dim, chunk_size)
-
     student_emb = embeddings(student, "student")
     teacher_emb = None if teacher is None else embeddings(teacher, "teacher")
     rows: list[dict[str, Any]] = []
     reference = None
     if teacher_emb is not None:
-        reference = metrics(teacher_emb.queries, teacher_emb.documents)
+        reference = retrieval_metrics(teacher_emb, qrels)
         rows.append(_row("teacher->teacher", teacher_emb.dim, reference, reference))
     for dim in _check_dims(dims, student_emb.dim):
-        rows.append(_row("student->student", dim, metrics(student_emb.queries, student_emb.documents, dim), reference))
+        rows.append(_row("student->student", dim, retrieval_metrics(student_emb, qrels, dim), reference))
     same_dim = teacher_emb is not None and teacher_emb.dim == student_emb.dim
     if same_dim:
-        drop_in = metrics(student_emb.queries, teacher_emb.documents)
+        drop_in = retrieval_metrics(replace(student_emb, documents=teacher_emb.documents), qrels)
         rows.append(_row("student->teacher", student_emb.dim, drop_in, reference))
     return {
         "mode": "student_only" if teacher_emb is None else ("projection" if same_dim else "mrl"),
@@ -411,19 +372,12 @@ def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
             error = exc
             payload = ("error", f"{type(exc).__name__}: {exc}")
-    distributed.barrier()
-    payload = distributed.broadcast_object(payload)
+    status, value = distributed.broadcast_object(payload)
     if error is not None:
         raise error
-    status, value = payload
     if status == "error":
         raise DistillError(f"evaluation failed on rank 0: {value}")
     return value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A saved student (and teacher) end to end: python -m distill evaluate
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _student_encoder(path: str, batch_size: int, trust_remote_code: bool, device: str) -> EncodeFn:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from distill.errors import DataError
@@ -27,25 +29,13 @@ from distill.errors import DataError
 logger = logging.getLogger(__name__)
 
 METRIC_LABELS = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@10": "R@10", "recall@100": "R@100"}
-SETTING_LABELS = {
-    "teacher->teacher": "teacher->teacher (reference)",
-    "student->student": "student->student",
-    "student->teacher": "student->teacher (drop-in)",
-}
+SETTING_LABELS = {"teacher->teacher": "teacher->teacher (reference)", "student->teacher": "student->teacher (drop-in)"}
 MRL_PLOT = "mrl_quality.png"
 
 
-def _jsonable(value: Any) -> Any:
-    """``json.dumps`` fallback: tensors / numpy scalars and arrays via ``tolist``, anything else via ``str``."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
 def _dumps(obj: Any, indent: int | None = None) -> str:
-    return json.dumps(obj, default=_jsonable, indent=indent)
+    """JSON text; tensors and numpy values via ``tolist``, anything else unknown (e.g. paths) via ``str``."""
+    return json.dumps(obj, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v), indent=indent)
 
 
 def _load_summary_writer() -> type | None:
@@ -61,6 +51,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _numbers(prefix: str, values: Mapping[str, Any] | None) -> dict[str, float]:
+    return {f"{prefix}/{key}": float(v) for key, v in (values or {}).items() if _is_number(v)}
+
+
 def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars of a record, ``{tag: value}``.
 
@@ -68,50 +62,27 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     eval: ``eval/{phase}/{setting}@{dim}/{metric}`` and ``eval/{phase}/mean_cosine/{part}``;
     any other event: its top-level numbers under ``{event}/{phase}/``.
     """
-    event, phase = str(record.get("event", "event")), str(record.get("phase", "all"))
-    prefix = f"{event}/{phase}"
-    out: dict[str, float] = {}
-    for key, value in record.items():
-        if key in ("event", "phase", "step", "epoch"):
-            continue
-        if _is_number(value):
-            out[f"{prefix}/{key}"] = float(value)
-        elif key == "terms" and isinstance(value, Mapping):
-            out.update({f"{prefix}/terms/{t}": float(v) for t, v in value.items() if _is_number(v)})
-    results = record.get("results")
-    if isinstance(results, Mapping):
-        for row in results.get("rows", []):
-            for metric, value in row.get("metrics", {}).items():
-                if _is_number(value):
-                    out[f"{prefix}/{row['setting']}@{row['dim']}/{metric}"] = float(value)
-        for part, value in (results.get("mean_cosine") or {}).items():
-            if _is_number(value):
-                out[f"{prefix}/mean_cosine/{part}"] = float(value)
+    prefix = f"{record.get('event', 'event')}/{record.get('phase', 'all')}"
+    out = _numbers(prefix, {k: v for k, v in record.items() if k not in ("step", "epoch")})
+    out.update(_numbers(f"{prefix}/terms", record.get("terms")))
+    results = record.get("results") or {}
+    for row in results.get("rows", []):
+        out.update(_numbers(f"{prefix}/{row['setting']}@{row['dim']}", row["metrics"]))
+    out.update(_numbers(f"{prefix}/mean_cosine", results.get("mean_cosine")))
     return out
 
 
-def _drop_partial_last_line(path: Path) -> None:
-    """Cut a final line without its newline (a crash mid-write) so the next record starts on a line of its own."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as handle:
-        handle.seek(-1, 2)
-        if handle.read(1) == b"\n":
-            return
-        handle.seek(0)
-        data = handle.read()
-        keep = data.rfind(b"\n") + 1
-        handle.truncate(keep)
-    logger.warning("%s: dropped a partial last line (%d bytes) left by an interrupted run", path, len(data) - keep)
-
-
-class MetricsLogger:
+class MetricsLogger(AbstractContextManager):
     """Append records to a JSON-lines file (flushed per line) and, if available, to TensorBoard."""
 
     def __init__(self, jsonl_path: str | Path, tensorboard_dir: str | Path | None = None) -> None:
         self.path = Path(jsonl_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_partial_last_line(self.path)
+        data = self.path.read_bytes() if self.path.is_file() else b""
+        if data and not data.endswith(b"\n"):  # a crash mid-write: the next record must start on a line of its own
+            keep = data.rfind(b"\n") + 1
+            os.truncate(self.path, keep)
+            logger.warning("%s: dropped a partial last line (%d bytes)", self.path, len(data) - keep)
         self._file = self.path.open("a", encoding="utf-8")
         self._writer = None
         if tensorboard_dir is not None:
@@ -126,20 +97,15 @@ class MetricsLogger:
         self._file.write(_dumps(dict(record)) + "\n")
         self._file.flush()
         if self._writer is not None:
-            step = int(record.get("step", 0))
             for tag, value in record_scalars(record).items():
-                self._writer.add_scalar(tag, value, step)
+                self._writer.add_scalar(tag, value, int(record.get("step", 0)))
             self._writer.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._file.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    def __enter__(self) -> MetricsLogger:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -151,27 +117,20 @@ def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
     path = Path(jsonl_path)
     if not path.is_file():
         raise DataError(f"{path}: metrics file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+    for n, line in lines:
         try:
             record = json.loads(line)
             if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            if i == last:
-                logger.warning("%s:%d: skipping a truncated last line", path, i + 1)
-                continue
-            raise DataError(f"{path}:{i + 1}: invalid metrics record ({exc})") from None
+                raise TypeError("not a JSON object")
+        except (TypeError, ValueError) as exc:
+            if n != lines[-1][0]:
+                raise DataError(f"{path}:{n}: invalid metrics record ({exc})") from None
+            logger.warning("%s:%d: skipping a truncated last line", path, n)
+            continue
         records.append(record)
     return records
-
-
-def _phases(records: Iterable[Mapping[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(str(r.get("phase", "all")) for r in records))
 
 
 def train_series(records: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -201,86 +160,71 @@ def training_summary(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str
 
 
 def last_eval_results(records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    evals = [r["results"] for r in records if r.get("event") == "eval" and isinstance(r.get("results"), Mapping)]
+    evals = [r["results"] for r in records if r.get("event") == "eval" and r.get("results")]
     return dict(evals[-1]) if evals else None
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+def _axes(
+    lines: Mapping[str, list[tuple[float, float]]],
+    title: str,
+    ylabel: str,
+    xlabel: str = "step",
+    figsize: tuple[float, float] = (7, 4.5),
+    **style: Any,
+) -> Axes | None:
+    """Axes with one line per non-empty ``{label: [(x, y)]}`` entry; None when there is none."""
+    lines = {name: pts for name, pts in lines.items() if pts}
+    if not lines:
+        return None
+    ax = Figure(figsize=figsize, layout="tight").add_subplot()
+    for name, pts in lines.items():
+        ax.plot(*zip(*pts), label=name, **style)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def _save(ax: Axes, path: Path, **legend: Any) -> Path:
+    ax.legend(**legend)
+    ax.figure.savefig(path, format="png", dpi=100)
     return path
 
 
 def _plot_loss(phase: str, series: list[dict[str, Any]], path: Path) -> Path | None:
-    steps = [r["step"] for r in series]
-    lines = {"loss": [r.get("loss") for r in series]}
-    for term in dict.fromkeys(t for r in series for t in (r.get("terms") or {})):
-        lines[term] = [(r.get("terms") or {}).get(term) for r in series]
-    lines = {name: vals for name, vals in lines.items() if any(_is_number(v) for v in vals)}
-    if not lines:
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in series:
+        for name, value in {"loss": r.get("loss"), **(r.get("terms") or {})}.items():
+            if _is_number(value):
+                lines.setdefault(name, []).append((r["step"], value))
+    ax = _axes(lines, f"{phase}: loss", "loss")
+    if ax is None:
         return None
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for name, vals in lines.items():
-        pts = [(s, v) for s, v in zip(steps, vals) if _is_number(v)]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=2.2 if name == "loss" else 1.2)
-    if all(v > 0 for vals in lines.values() for v in vals if _is_number(v)):
+    for line in ax.lines:
+        line.set_linewidth(2.2 if line.get_label() == "loss" else 1.2)
+    if all(v > 0 for pts in lines.values() for _, v in pts):
         ax.set_yscale("log")  # terms differ by orders of magnitude (e.g. MSE vs InfoNCE)
-    ax.set(title=f"{phase}: loss", xlabel="step", ylabel="loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
-
-
-def _plot_lr(series_by_phase: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    drawn = False
-    for phase, series in series_by_phase.items():
-        pts = [(r["step"], r["lr"]) for r in series if _is_number(r.get("lr"))]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=phase)
-            drawn = True
-    if not drawn:
-        return None
-    ax.set(title="learning rate", xlabel="step", ylabel="lr")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return _save(ax, path)
 
 
 def _plot_eval_history(records: list[Mapping[str, Any]], path: Path) -> Path | None:
     """nDCG@10 of every setting row against the step at which it was evaluated (one line per phase and row)."""
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in records:
-        if r.get("event") != "eval" or not _is_number(r.get("step")) or not isinstance(r.get("results"), Mapping):
-            continue
-        for row in r["results"].get("rows", []):
-            value = row.get("metrics", {}).get("ndcg@10")
-            if _is_number(value):
-                name = f"{r.get('phase', 'all')} {row['setting']}@{row['dim']}"
-                lines.setdefault(name, []).append((r["step"], value))
-    if not lines:
-        return None
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for name, pts in lines.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set(title="eval nDCG@10 during training", xlabel="step", ylabel="nDCG@10")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(fig, path)
+        if r.get("event") == "eval" and _is_number(r.get("step")):
+            for row in r["results"].get("rows", []):
+                if _is_number(row["metrics"].get("ndcg@10")):
+                    name = f"{r.get('phase', 'all')} {row['setting']}@{row['dim']}"
+                    lines.setdefault(name, []).append((r["step"], row["metrics"]["ndcg@10"]))
+    ax = _axes(lines, "eval nDCG@10 during training", "nDCG@10", marker="o")
+    return None if ax is None else _save(ax, path, fontsize="small")
 
 
 def mrl_points(eval_results: Mapping[str, Any] | None) -> list[tuple[int, float]]:
     """``(dim, nDCG@10)`` of the student->student rows, ascending dim; empty unless there are >= 2 dims."""
-    if not eval_results:
-        return []
     pts = sorted(
         (int(row["dim"]), float(row["metrics"]["ndcg@10"]))
-        for row in eval_results.get("rows", [])
-        if row.get("setting") == "student->student" and _is_number(row.get("metrics", {}).get("ndcg@10"))
+        for row in (eval_results or {}).get("rows", [])
+        if row["setting"] == "student->student" and _is_number(row["metrics"].get("ndcg@10"))
     )
     return pts if len(pts) >= 2 else []
 
@@ -288,20 +232,15 @@ def mrl_points(eval_results: Mapping[str, Any] | None) -> list[tuple[int, float]
 def plot_mrl(eval_results: Mapping[str, Any] | None, path: str | Path) -> Path | None:
     """nDCG@10 against embedding dim (MRL truncation), with the teacher reference as a dashed line."""
     pts = mrl_points(eval_results)
-    if not pts:
+    ax = _axes({"student->student": pts}, "quality against dimension", "nDCG@10", "embedding dim", (6, 4), marker="o")
+    if ax is None:
         return None
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="student->student")
-    for row in eval_results.get("rows", []):
-        if row.get("setting") == "teacher->teacher":
+    for row in eval_results["rows"]:
+        if row["setting"] == "teacher->teacher":
             ax.axhline(row["metrics"]["ndcg@10"], linestyle="--", color="gray", label=f"teacher ({row['dim']}d)")
     ax.set_xscale("log", base=2)
     ax.set_xticks([p[0] for p in pts], [str(p[0]) for p in pts])
-    ax.set(title="quality against dimension", xlabel="embedding dim", ylabel="nDCG@10")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, Path(path))
+    return _save(ax, Path(path))
 
 
 def plot_metrics(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
@@ -312,34 +251,37 @@ def plot_metrics(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics(jsonl_path)
     series = train_series(records)
-    written = [_plot_loss(phase, s, out_dir / f"loss_{_safe(phase)}.png") for phase, s in series.items()]
-    written.append(_plot_lr(series, out_dir / "lr.png"))
+    written = [_plot_loss(phase, s, out_dir / f"loss_{phase}.png") for phase, s in series.items()]
+    lr = {phase: [(r["step"], r["lr"]) for r in s if _is_number(r.get("lr"))] for phase, s in series.items()}
+    lr_ax = _axes(lr, "learning rate", "lr", figsize=(7, 4))
+    written.append(None if lr_ax is None else _save(lr_ax, out_dir / "lr.png"))
     written.append(_plot_eval_history(records, out_dir / "eval_ndcg.png"))
     written.append(plot_mrl(last_eval_results(records), out_dir / MRL_PLOT))
     return [p for p in written if p is not None]
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if _is_number(value) else "-"
 
 
+def _table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:
+    """Markdown table lines; ``align`` has one letter per column: l(eft) or r(ight)."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def format_eval_table(eval_results: Mapping[str, Any]) -> str:
     """Markdown table of the settings rows (retention = nDCG@10 / teacher nDCG@10), plus the mean cosine line."""
-    header = ["Setting", "Dim", *METRIC_LABELS.values(), "Retention (nDCG@10)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    rows = []
     for row in eval_results.get("rows", []):
         retention = (row.get("retention") or {}).get("ndcg@10")
-        cells = [
+        rows.append([
             SETTING_LABELS.get(row["setting"], row["setting"]),
             str(row["dim"]),
             *(_fmt(row["metrics"].get(m)) for m in METRIC_LABELS),
             f"{100 * retention:.1f}%" if _is_number(retention) else "-",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        ])
+    lines = _table(["Setting", "Dim", *METRIC_LABELS.values(), "Retention (nDCG@10)"], "lrrrrrr", rows)
     cos = eval_results.get("mean_cosine")
     if cos:
         lines.append("")
@@ -350,18 +292,14 @@ def format_eval_table(eval_results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _format_training(summary: Mapping[str, Mapping[str, Any]]) -> str:
-    lines = [
-        "| Phase | Steps | Final loss | Final terms | Samples/s | Elapsed (s) |",
-        "|---|---:|---:|---|---:|---:|",
-    ]
+def _format_training(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    rows = []
     for phase, s in summary.items():
-        terms = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("final_terms") or {}).items()) or "-"
-        lines.append(
-            f"| {phase} | {s['steps']} | {_fmt(s.get('final_loss'))} | {terms} | "
-            f"{_fmt(s.get('samples_per_s'), 1)} | {_fmt(s.get('elapsed_s'), 1)} |"
-        )
-    return "\n".join(lines)
+        terms = ", ".join(f"{k} {_fmt(v)}" for k, v in (s["final_terms"] or {}).items()) or "-"
+        speed, elapsed = _fmt(s["samples_per_s"], 1), _fmt(s["elapsed_s"], 1)
+        rows.append([phase, str(s["steps"]), _fmt(s["final_loss"]), terms, speed, elapsed])
+    header = ["Phase", "Steps", "Final loss", "Final terms", "Samples/s", "Elapsed (s)"]
+    return _table(header, "lrrlrr", rows)
 
 
 def write_report(
@@ -394,18 +332,13 @@ def write_report(
         md += [f"- **{k}**: {v}" for k, v in extra.items()] + [""]
     md += ["## Retrieval evaluation", ""]
     if eval_results:
-        md += [
-            f"{eval_results.get('num_queries', '?')} queries, {eval_results.get('num_documents', '?')} documents; "
-            f"mode: {eval_results.get('mode', '?')}.",
-            "",
-            format_eval_table(eval_results),
-            "",
-        ]
+        counts = f"{eval_results.get('num_queries', '?')} queries, {eval_results.get('num_documents', '?')} documents"
+        md += [f"{counts}; mode: {eval_results.get('mode', '?')}.", "", format_eval_table(eval_results), ""]
     else:
         md += ["No evaluation results.", ""]
     if metrics_jsonl is not None:
         md += ["## Training", ""]
-        md += [_format_training(summary), ""] if summary else ["No training records.", ""]
+        md += [*_format_training(summary), ""] if summary else ["No training records.", ""]
     if plots:
         md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if config_plain is not None:
