@@ -46,13 +46,13 @@ def check_models(models_dir: Path) -> tuple[Path, Path]:
 
 
 def make_demo_data(out: Path, max_train: int, seed: int = 0) -> Path:
-    """``python -m distill.demo_data --out OUT --max-train N`` unless OUT already holds that exact build."""
+    """``python scripts/demo_data.py --out OUT --max-train N`` unless OUT already holds that exact build."""
     manifest = out / "manifest.json"
     if manifest.is_file():
         meta = json.loads(manifest.read_text(encoding="utf-8"))
         if meta.get("max_train") == max_train and meta.get("seed") == seed:
             return out
-    cmd = [sys.executable, "-m", "distill.demo_data", "--out", str(out), "--max-train", str(max_train),
+    cmd = [sys.executable, str(REPO / "scripts" / "demo_data.py"), "--out", str(out), "--max-train", str(max_train),
            "--seed", str(seed)]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return out

@@ -4,7 +4,6 @@
     python -m distill plan --config configs/default.yaml            # = train --dry-run: validate, print the plan
     python -m distill cache --config configs/default.yaml [--dry-run]  # fill (or count) the teacher cache
     python -m distill evaluate --model PATH --data BEIR_FOLDER [--teacher ID] [--dims 768,256,64]
-    python -m distill demo-data --out DIR                            # the offline demo data set
     torchrun --nproc-per-node=8 -m distill train --config configs/default.yaml   # any command under torchrun
 
 ``train_ddp.py`` is ``train`` with its own program name (:func:`train_main`). Every command shares the logging
@@ -140,13 +139,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_data(args: argparse.Namespace) -> int:
-    from distill.demo_data import build
-
-    build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general)
-    return 0
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Parsers
 # --------------------------------------------------------------------------------------------------------------------
@@ -203,16 +195,6 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_evaluate)
 
 
-def _add_demo_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train", type=int, default=None, help="cap on training rows (default: all)")
-    p.add_argument("--n-test", type=int, default=400, help="number of held-out test queries")
-    p.add_argument("--general", type=int, default=0,
-                   help="extra phase-1 rows from installed packages' docstrings (phase1_general.jsonl)")
-    p.set_defaults(func=_demo_data)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """``python -m distill`` with one sub-parser per command."""
     p = argparse.ArgumentParser(prog="python -m distill",
@@ -227,8 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
          _add_cache_arguments),
         ("evaluate", "retrieval metrics of a student (and its teacher) on a BEIR folder", _logging_parent,
          _add_evaluate_arguments),
-        ("demo-data", "write the offline demo data set built from stdlib docstrings", _logging_parent,
-         _add_demo_data_arguments),
     )
     for name, summary, parent, add_arguments in commands:
         add_arguments(sub.add_parser(name, parents=[parent()], help=summary, description=summary))

@@ -14,7 +14,7 @@ start=$(date +%s)
 
 source scripts/setup_env.sh
 python scripts/fetch_demo_models.py --models-dir models
-python -m distill demo-data --out demo_data --general 3000
+python scripts/demo_data.py --out demo_data --general 3000
 # The untrained student is the baseline the distilled one must beat.
 mkdir -p runs
 python -m distill evaluate --model models/all-MiniLM-L6-v2 --data demo_data/test --out runs/baseline-minilm \

@@ -26,7 +26,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_command() -> None:
     proc = _run("-m", "distill", "--help")
     assert proc.returncode == 0, proc.stderr
-    for command in ("train", "plan", "cache", "evaluate", "demo-data"):
+    for command in ("train", "plan", "cache", "evaluate"):
         assert f"    {command}" in proc.stdout, proc.stdout
 
 

@@ -1,4 +1,4 @@
-"""distill.demo_data: offline retrieval data from stdlib docstrings (formats, split hygiene, determinism)."""
+"""scripts/demo_data.py: offline retrieval data from stdlib docstrings (formats, split hygiene, determinism)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tiny_models import REPO_ROOT
 
-from distill import demo_data
+from scripts import demo_data
 from distill.errors import DataError
 
 MAX_TRAIN = 300
@@ -25,10 +25,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One build through the real CLI entry point (``python -m distill demo-data``)."""
+    """One build through the real command line (``python scripts/demo_data.py``)."""
     out = tmp_path_factory.mktemp("demo") / "data"
     proc = subprocess.run(
-        [sys.executable, "-m", "distill", "demo-data", "--out", str(out), "--max-train", str(MAX_TRAIN)],
+        [sys.executable, "scripts/demo_data.py", "--out", str(out), "--max-train", str(MAX_TRAIN)],
         check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -37,11 +37,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 
-def test_python_m_distill_demo_data_still_runs_the_command(tmp_path: Path) -> None:
-    """The old spelling delegates to ``python -m distill demo-data`` (same one-line errors, status 2)."""
+def test_bad_output_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    """The script shares the CLI's error handling: one line, status 2."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "distill.demo_data", "--out", str(not_a_dir)], check=False,
+    proc = subprocess.run([sys.executable, "scripts/demo_data.py", "--out", str(not_a_dir)], check=False,
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: --out {not_a_dir} exists and is not a directory"

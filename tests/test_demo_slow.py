@@ -31,7 +31,8 @@ def _env() -> dict[str, str]:
 def test_reduced_cpu_demo_beats_the_untrained_student(tmp_path):
     data = tmp_path / "demo_data"
     # The full held-out split (400 queries): on small subsets the untrained student can even beat the teacher.
-    built = subprocess.run([sys.executable, "-m", "distill.demo_data", "--out", str(data), "--general", "0"],
+    built = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "demo_data.py"), "--out", str(data),
+                            "--general", "0"],
                            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
 

@@ -378,7 +378,29 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
     return manifest
 
 
-if __name__ == "__main__":
-    from distill.cli import main
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/demo_data.py --out DIR [--max-train N] [--n-test N] [--general N] [--seed S]``."""
+    import argparse
 
-    sys.exit(main(["demo-data", *sys.argv[1:]]))
+    from distill.cli import run_guarded, setup_logging
+
+    p = argparse.ArgumentParser(prog="scripts/demo_data.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=None, help="cap on training rows (default: all)")
+    p.add_argument("--n-test", type=int, default=400, help="number of held-out test queries")
+    p.add_argument("--general", type=int, default=0,
+                   help="extra phase-1 rows from installed packages' docstrings (phase1_general.jsonl)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+
+    def command() -> int:
+        build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general)
+        return 0
+
+    return run_guarded(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
