@@ -1,7 +1,5 @@
 """Training data: read, validate, deduplicate and cap the phase-1 / phase-2 sources; tokenize once.
 
-BEIR evaluation folders are read by :func:`distill.evaluate.read_beir`.
-
 Sources are Hub datasets (``datasets.load_dataset(path, subset, split=split)``) or local JSONL, CSV or Parquet
 files, or a folder of them. Texts are stored once per role in Arrow tables (:class:`TextTable`) and examples
 refer to them by row:
@@ -24,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -71,9 +70,7 @@ _TOKEN_FEATURES = datasets.Features(
 )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Public containers
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Public containers ----
 
 
 @dataclass
@@ -101,20 +98,12 @@ class TextTable:
         return len(self.dataset)
 
     def __getitem__(self, i: int | slice) -> str | list[str]:
-        if isinstance(i, slice):
-            return self.dataset[i]["text"]
-        n = len(self.dataset)
-        index = int(i) + n if int(i) < 0 else int(i)
-        if not 0 <= index < n:
-            raise IndexError(f"{self.role} table index {i} out of range for {n} rows")
-        return self.dataset[index]["text"]
+        """One text (negative indices count from the end; IndexError when out of range) or a slice of texts."""
+        return self.dataset[i]["text"]
 
     def take(self, rows: Sequence[int] | np.ndarray) -> list[str]:
         """Texts of ``rows`` in the given order (rows may repeat)."""
-        keys = [int(r) for r in rows]
-        if not keys:
-            return []
-        return self.dataset[keys]["text"]
+        return self.dataset[[int(r) for r in rows]]["text"]
 
 
 @dataclass
@@ -168,15 +157,10 @@ class TokenizedTable:
 
     def input_ids(self, rows: Sequence[int] | np.ndarray) -> list[list[int]]:
         """Unpadded token ids of ``rows`` in the given order."""
-        keys = [int(r) for r in rows]
-        if not keys:
-            return []
-        return self.dataset[keys]["input_ids"]
+        return self.dataset[[int(r) for r in rows]]["input_ids"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading sources
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Reading sources ----
 
 
 class _BadRow(Exception):
@@ -201,9 +185,8 @@ def _source_name(source: Any) -> str:
     return source.name or source.path
 
 
-def _hub_label(source: Any) -> str:
-    inner = f"{source.subset}, {source.split}" if source.subset else source.split
-    return f"dataset {source.path} ({inner})"
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _is_local(source: Any) -> bool:
@@ -222,7 +205,8 @@ def _resolve_parts(source: Any) -> list[_Part]:
             f"source {_source_name(source)}: unknown format {source.format!r} (expected one of {', '.join(_FORMATS)})"
         )
     if fmt == "hub" or (fmt == "auto" and not _is_local(source)):
-        return [_Part(label=_hub_label(source), format="hub", source=source)]
+        inner = f"{source.subset}, {source.split}" if source.subset else source.split
+        return [_Part(label=f"dataset {source.path} ({inner})", format="hub", source=source)]
     path = Path(source.path).expanduser()
     if not path.exists():
         raise DataError(f"{source.path}: file not found (source {_source_name(source)})")
@@ -235,24 +219,14 @@ def _resolve_parts(source: Any) -> list[_Part]:
         if not files:
             wanted = ", ".join(sorted(e for e, f in _EXTENSIONS.items() if fmt in ("auto", f)))
             raise DataError(f"{source.path}: folder holds no data files ({wanted})")
-        display = [Path(source.path) / p.name for p in files]
-        return [_Part(label=str(d), format=_EXTENSIONS[p.suffix.lower()], path=p) for d, p in zip(display, files)]
+        return [_Part(label=str(Path(source.path) / p.name), format=_EXTENSIONS[p.suffix.lower()], path=p)
+                for p in files]
     if fmt == "auto":
         fmt = _EXTENSIONS.get(path.suffix.lower(), "")
         if not fmt:
             raise DataError(f"{source.path}: unknown file format {path.suffix or '(no extension)'!r} "
                             f"(name it .jsonl, .csv or .parquet, or set format: jsonl | csv | parquet)")
     return [_Part(label=str(source.path), format=fmt, path=path)]
-
-
-def _local_files_state(parts: list[_Part]) -> list[list[Any]]:
-    """``[path, size, mtime_ns]`` of every local file, so an edited file invalidates the prepared folder."""
-    out = []
-    for part in parts:
-        if part.path is not None:
-            stat = part.path.stat()
-            out.append([str(part.path.resolve()), stat.st_size, stat.st_mtime_ns])
-    return out
 
 
 def _read_jsonl(part: _Part) -> Iterator[_Row]:
@@ -280,90 +254,56 @@ def _read_jsonl(part: _Part) -> Iterator[_Row]:
             yield loc, obj
 
 
-def _read_csv(part: _Part) -> Iterator[_Row]:
-    """Header row + records; locations are ``file:line`` of the record's first line (1-based).
-
-    Lines are decoded one by one so a non-UTF-8 byte can be pinned to its line; such a line is decoded with
-    replacement characters and the record containing it is reported as bad.
-    """
-    bad_lines: set[int] = set()
-
-    def lines() -> Iterator[str]:
-        with open(part.path, "rb") as handle:
-            for lineno, raw in enumerate(handle, 1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    bad_lines.add(lineno)
-                    text = raw.decode("utf-8", errors="replace")
-                yield text.removeprefix("\ufeff") if lineno == 1 else text
-
-    reader = csv.reader(lines())
+def _valid_utf8(fields: list[str]) -> bool:
+    """False when a field holds an undecodable byte (read with ``errors="surrogateescape"``)."""
     try:
-        header = next(reader)
-    except StopIteration:
-        return
+        "".join(fields).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_csv(part: _Part) -> tuple[list[str], Iterator[_Row]]:
+    """The header and the records; locations are ``file:line`` of the record's first line (1-based)."""
+    handle = open(part.path, encoding="utf-8-sig", errors="surrogateescape", newline="")  # noqa: SIM115
+    reader = csv.reader(handle)
+    try:
+        header = next(reader, [])
     except csv.Error as err:
+        handle.close()
         raise DataError(f"{part.label}:1: malformed CSV header ({err})") from None
-    if 1 in bad_lines:
+    if not _valid_utf8(header):
+        handle.close()
         raise DataError(f"{part.label}:1: not valid UTF-8")
-    last = reader.line_num
-    while True:
-        start = last + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            last = reader.line_num
-            yield f"{part.label}:{start}", _BadRow(f"malformed CSV ({err})")
-            continue
-        last = reader.line_num
-        loc = f"{part.label}:{start}"
-        if not fields:
-            continue
-        if any(n in bad_lines for n in range(start, last + 1)):
-            yield loc, _BadRow("not valid UTF-8")
-        elif len(fields) != len(header):
-            yield loc, _BadRow(f"has {len(fields)} fields, the header has {len(header)}")
-        else:
-            yield loc, dict(zip(header, fields))
+
+    def records() -> Iterator[_Row]:
+        with handle:
+            while True:
+                loc = f"{part.label}:{reader.line_num + 1}"
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as err:
+                    yield loc, _BadRow(f"malformed CSV ({err})")
+                    continue
+                if not fields:
+                    continue
+                if not _valid_utf8(fields):
+                    yield loc, _BadRow("not valid UTF-8")
+                elif len(fields) != len(header):
+                    yield loc, _BadRow(f"has {len(fields)} fields, the header has {len(header)}")
+                else:
+                    yield loc, dict(zip(header, fields))
+
+    return header, records()
 
 
-def _read_parquet(part: _Part) -> Iterator[_Row]:
-    """Rows of a Parquet file; locations are ``file row i`` (0-based row index)."""
-    import pyarrow.parquet as pq
-
-    try:
-        handle = pq.ParquetFile(part.path)
-    except Exception as err:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{part.label}: not a readable Parquet file ({_one_line(err)})") from None
-    index = 0
-    for batch in handle.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield f"{part.label} row {index}", row
-            index += 1
-
-
-def _load_hub(part: _Part) -> datasets.Dataset:
-    source = part.source
-    try:
-        dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
-    except Exception as err:  # network, missing config/split, auth: all reported the same way
-        raise DataError(f"{part.label}: cannot load ({type(err).__name__}: {_one_line(err)})") from None
-    if not isinstance(dataset, datasets.Dataset):
-        raise DataError(f"{part.label}: expected one split, got {type(dataset).__name__}")
-    return dataset
-
-
-def _read_hub(part: _Part, dataset: datasets.Dataset) -> Iterator[_Row]:
-    """Rows of a Hub split; locations are ``dataset <id> (<subset>, <split>) row i`` (0-based row index)."""
-    index = 0
-    for batch in dataset.iter(batch_size=1000):
-        columns = list(batch)
-        for values in zip(*(batch[c] for c in columns)):
-            yield f"{part.label} row {index}", dict(zip(columns, values))
-            index += 1
+def _numbered(label: str, batches: Iterable[list[dict[str, Any]]]) -> Iterator[_Row]:
+    """Rows of a table read in batches; locations are ``<label> row i`` (0-based row index)."""
+    rows = (row for batch in batches for row in batch)
+    for index, row in enumerate(rows):
+        yield f"{label} row {index}", row
 
 
 def _open_part(part: _Part) -> tuple[list[str] | None, Iterator[_Row]]:
@@ -371,29 +311,32 @@ def _open_part(part: _Part) -> tuple[list[str] | None, Iterator[_Row]]:
     if part.format == "jsonl":
         return None, _read_jsonl(part)
     if part.format == "csv":
-        with open(part.path, "rb") as handle:
-            first = handle.readline().decode("utf-8", errors="replace").removeprefix("\ufeff")
-        columns = next(csv.reader([first]), [])
-        return columns, _read_csv(part)
+        return _read_csv(part)
     if part.format == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            columns = list(pq.read_schema(part.path).names)
-        except Exception as err:
+            handle = pq.ParquetFile(part.path)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for unreadable files
             raise DataError(f"{part.label}: not a readable Parquet file ({_one_line(err)})") from None
-        return columns, _read_parquet(part)
-    dataset = _load_hub(part)
-    return list(dataset.column_names), _read_hub(part, dataset)
+        batches = (batch.to_pylist() for batch in handle.iter_batches(batch_size=1024))
+        return list(handle.schema_arrow.names), _numbered(part.label, batches)
+    source = part.source
+    try:
+        dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+    except Exception as err:  # noqa: BLE001 - network, missing config/split, auth: all reported the same way
+        raise DataError(f"{part.label}: cannot load ({type(err).__name__}: {_one_line(err)})") from None
+    if not isinstance(dataset, datasets.Dataset):
+        raise DataError(f"{part.label}: expected one split, got {type(dataset).__name__}")
+    batches = (batch.to_pylist() for batch in dataset.with_format("arrow").iter(batch_size=1000))
+    return list(dataset.column_names), _numbered(part.label, batches)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+# ---- Row -> texts ----
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Row -> texts
-# ----------------------------------------------------------------------------------------------------------------
+# Which columns a row is read from: ``(column, role)`` pairs. Phase 2 lists the query, then the positive, then the
+# negative columns.
+_Plan = list[tuple[str, int]]
 
 
 def _text(value: Any, column: str) -> str:
@@ -422,48 +365,27 @@ def _auto_role(column: str) -> int | None:
     return None
 
 
-def _phase1_columns(source: Any, columns: Iterable[str]) -> list[tuple[str, int]]:
-    """``(column, role)`` pairs to read: the configured lists, or the auto-detected ones among ``columns``."""
+def _phase1_plan(source: Any, columns: Sequence[str]) -> _Plan:
+    """The configured query / document columns, or the auto-detected ones among ``columns``."""
     if source.query_columns or source.document_columns:
         return [(c, QUERY) for c in source.query_columns] + [(c, DOCUMENT) for c in source.document_columns]
-    return [(c, role) for c in columns if (role := _auto_role(c)) is not None]
-
-
-def _phase1_items(
-    source: Any, row: dict[str, Any], cache: dict[tuple[str, ...], list[tuple[str, int]]]
-) -> list[tuple[int, str]]:
-    """The ``(role, text)`` items of one phase-1 row."""
-    keys = tuple(row)
-    if keys not in cache:
-        cache[keys] = _phase1_columns(source, keys)
-    plan = cache[keys]
+    plan = [(c, role) for c in columns if (role := _auto_role(c)) is not None]
     if not plan:
-        raise _BadRow(f"no query or document column among {', '.join(keys) or '(none)'} "
+        raise _BadRow(f"no query or document column among {', '.join(columns) or '(none)'} "
                       f"(set query_columns / document_columns)")
-    items = []
-    for column, role in plan:
-        if column not in row:
-            raise _BadRow(f"missing column {column!r}")
-        items.extend((role, t) for t in _texts(row[column], column))
+    return plan
+
+
+def _phase1_items(plan: _Plan, row: dict[str, Any]) -> list[tuple[int, str]]:
+    """The ``(role, text)`` items of one phase-1 row."""
+    items = [(role, text) for column, role in plan for text in _texts(row[column], column)]
     if not items:
         raise _BadRow("no text (every text column is an empty list)")
     return items
 
 
-@dataclass(frozen=True)
-class _Phase2Plan:
-    query: str
-    positive: str
-    negatives: tuple[str, ...]  # several string columns, or one column that may hold a list
-
-
-def _negative_n_columns(columns: Iterable[str]) -> list[str]:
-    numbered = [(int(m.group(1)), c) for c in columns if (m := _NEGATIVE_N.match(c.lower()))]
-    return [c for _, c in sorted(numbered)]
-
-
-def _phase2_plan(source: Any, columns: Sequence[str], num_negatives: int, fill: bool) -> _Phase2Plan | str:
-    """Which columns hold the query, the positive and the negatives, or a message saying what is missing.
+def _phase2_plan(source: Any, columns: Sequence[str], num_negatives: int, fill: bool) -> _Plan:
+    """The query, positive and negative columns.
 
     Auto-detection (case-insensitive): query = query | anchor | question; positive = pos | positive | answer |
     passage | document (a list-valued column gives its first element); negatives = neg | negatives (a list),
@@ -473,43 +395,41 @@ def _phase2_plan(source: Any, columns: Sequence[str], num_negatives: int, fill: 
     listing = ", ".join(columns) or "(none)"
 
     def pick(configured: str | None, candidates: Sequence[str]) -> str | None:
-        if configured:
-            return configured
-        return next((lower[name] for name in candidates if name in lower), None)
+        return configured or next((lower[name] for name in candidates if name in lower), None)
 
     query = pick(source.query_column, _P2_QUERY)
     if query is None:
-        return f"no query column among {listing} (set query_column)"
+        raise _BadRow(f"no query column among {listing} (set query_column)")
     positive = pick(source.positive_column, _P2_POSITIVE)
     if positive is None:
-        return f"no positive column among {listing} (set positive_column)"
+        raise _BadRow(f"no positive column among {listing} (set positive_column)")
     if source.negative_columns:
-        negatives = tuple(source.negative_columns)
+        negatives = list(source.negative_columns)
+    elif listed := pick(None, _P2_NEGATIVE_LIST):
+        negatives = [listed]
     else:
-        listed = pick(None, _P2_NEGATIVE_LIST)
-        negatives = (listed,) if listed else tuple(_negative_n_columns(columns))
+        numbered = sorted((int(m.group(1)), c) for c in columns if (m := _NEGATIVE_N.match(c.lower())))
+        negatives = [c for _, c in numbered]
         if not negatives and "negative" in lower:
-            negatives = (lower["negative"],)
+            negatives = [lower["negative"]]
     if not negatives and num_negatives > 0 and not fill:
-        return f"no negative column among {listing} (set negative_columns, or fill_negatives: random)"
-    return _Phase2Plan(query=query, positive=positive, negatives=negatives)
+        raise _BadRow(f"no negative column among {listing} (set negative_columns, or fill_negatives: random)")
+    return [(query, QUERY), (positive, DOCUMENT), *((n, DOCUMENT) for n in negatives)]
 
 
-def _phase2_texts(plan: _Phase2Plan, row: dict[str, Any], num_negatives: int) -> tuple[str, str, list[str]]:
+def _phase2_texts(plan: _Plan, row: dict[str, Any], num_negatives: int) -> tuple[str, str, list[str]]:
     """``(query, positive, negatives)`` of one row; at most ``num_negatives`` negatives (the first ones)."""
-    for column in (plan.query, plan.positive, *plan.negatives):
-        if column not in row:
-            raise _BadRow(f"missing column {column!r}")
-    query = _text(row[plan.query], plan.query)
-    positive = row[plan.positive]
+    (query_column, _), (positive_column, _), *negative_columns = plan
+    query = _text(row[query_column], query_column)
+    positive = row[positive_column]
     if isinstance(positive, (list, tuple)):
         if not positive:
-            raise _BadRow(f"column {plan.positive!r} is an empty list")
-        positive = _text(positive[0], f"{plan.positive}[0]")
+            raise _BadRow(f"column {positive_column!r} is an empty list")
+        positive = _text(positive[0], f"{positive_column}[0]")
     else:
-        positive = _text(positive, plan.positive)
+        positive = _text(positive, positive_column)
     negatives: list[str] = []
-    for column in plan.negatives:
+    for column, _ in negative_columns:
         if len(negatives) >= num_negatives:
             break
         value = row[column]
@@ -519,32 +439,12 @@ def _phase2_texts(plan: _Phase2Plan, row: dict[str, Any], num_negatives: int) ->
     return query, positive, negatives[:num_negatives]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Preparation
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Preparation ----
 
 
-class _Interner:
-    """Text -> id in order of first appearance."""
-
-    def __init__(self) -> None:
-        self.ids: dict[str, int] = {}
-        self.texts: list[str] = []
-
-    def add(self, text: str) -> int:
-        index = self.ids.get(text)
-        if index is None:
-            index = self.ids[text] = len(self.texts)
-            self.texts.append(text)
-        return index
-
-
-def _compact(interner: _Interner, used: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Keep only the ``used`` ids (in first-appearance order); return their texts and an old -> new id map."""
-    keep = np.unique(used.astype(np.int64, copy=False))
-    remap = np.full(len(interner.texts), -1, dtype=np.int64)
-    remap[keep] = np.arange(len(keep), dtype=np.int64)
-    return [interner.texts[i] for i in keep.tolist()], remap
+def _intern(ids: dict[str, int], text: str) -> int:
+    """The id of ``text`` in ``ids`` (text -> id in order of first appearance), adding it if new."""
+    return ids.setdefault(text, len(ids))
 
 
 def _check_policies(data: Any) -> None:
@@ -554,113 +454,49 @@ def _check_policies(data: Any) -> None:
         raise ConfigError(f"data.fill_negatives: expected 'error' or 'random', got {data.fill_negatives!r}")
 
 
-def _bad(data: Any, report: SourceReport, loc: str, err: _BadRow) -> None:
-    if data.on_bad_row == "error":
-        raise DataError(f"{loc}: {err}")
-    report.dropped_bad += 1
-
-
 def _sample(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of a uniform random subset of ``cap`` out of ``n`` (all of them when ``cap`` is None or >= n)."""
     if cap is None or cap >= n:
         return np.arange(n, dtype=np.int64)
-    if cap < 0:
-        raise ConfigError(f"max_samples: must be >= 0, got {cap}")
     return np.sort(rng.choice(n, size=cap, replace=False)).astype(np.int64)
 
 
-def _empty_source_error(name: str, report: SourceReport) -> DataError:
-    return DataError(
-        f"source {name}: no usable rows (read {report.rows_read}, bad {report.dropped_bad}, "
-        f"duplicate {report.dropped_duplicate})"
-    )
+def _keep(report: SourceReport, kept: int) -> None:
+    """Record that ``kept`` of the source's unique valid rows survived the caps."""
+    report.kept = kept
+    report.sampled_out = report.rows_read - report.dropped_bad - report.dropped_duplicate - kept
 
 
-def _check_schema(label: str, columns: list[str], wanted: Iterable[str]) -> None:
-    missing = [c for c in wanted if c not in columns]
+def _check_columns(label: str, columns: list[str], plan_of: Callable[[Sequence[str]], _Plan]) -> None:
+    """A file whose columns are known up front must hold every column its rows are read from."""
+    try:
+        plan = plan_of(columns)
+    except _BadRow as err:
+        raise DataError(f"{label}: {err}") from None
+    missing = [c for c, _ in plan if c not in columns]
     if missing:
         raise DataError(f"{label}: missing column {missing[0]!r} (columns: {', '.join(columns)})")
 
 
-def _read_phase1_source(
-    data: Any, source: Any, interners: dict[int, _Interner]
-) -> tuple[list[tuple[tuple[int, int], ...]], SourceReport]:
-    """Unique valid rows of one phase-1 source, each a tuple of distinct ``(role, text id)`` items."""
-    report = SourceReport(name=_source_name(source))
-    rows: list[tuple[tuple[int, int], ...]] = []
-    seen: set[tuple[tuple[int, int], ...]] = set()
-    cache: dict[tuple[str, ...], list[tuple[str, int]]] = {}
-    for part in _resolve_parts(source):
-        columns, row_iter = _open_part(part)
-        if columns is not None:
-            plan = _phase1_columns(source, columns)
-            if not plan:
-                raise DataError(f"{part.label}: no query or document column among {', '.join(columns)} "
-                                f"(set query_columns / document_columns)")
-            _check_schema(part.label, columns, (c for c, _ in plan))
-        for loc, row in row_iter:
-            report.rows_read += 1
-            try:
-                if isinstance(row, _BadRow):
-                    raise row
-                items = _phase1_items(source, row, cache)
-            except _BadRow as err:
-                _bad(data, report, loc, err)
-                continue
-            key = tuple(dict.fromkeys((role, interners[role].add(text)) for role, text in items))
-            if key in seen:
-                report.dropped_duplicate += 1
-                continue
-            seen.add(key)
-            rows.append(key)
-    return rows, report
-
-
-def _prepare_phase1(
-    data: Any, cap_default: int | None, seed: int
-) -> tuple[list[str], list[str], np.ndarray, list[SourceReport]]:
-    """Read every phase-1 source, cap each one (rows), and return (query texts, document texts, examples, reports)."""
-    interners = {QUERY: _Interner(), DOCUMENT: _Interner()}
-    pairs: dict[tuple[int, int], None] = {}  # ordered set of (role, text id) over every kept row
-    reports = []
-    for index, source in enumerate(data.phase1):
-        rows, report = _read_phase1_source(data, source, interners)
-        if not rows:
-            raise _empty_source_error(report.name, report)
-        cap = source.max_samples if source.max_samples is not None else cap_default
-        chosen = _sample(len(rows), cap, np.random.default_rng([seed, 1, index]))
-        report.kept, report.sampled_out = len(chosen), len(rows) - len(chosen)
-        for i in chosen.tolist():
-            pairs.update(dict.fromkeys(rows[i]))
-        reports.append(report)
-    pair_array = np.array(list(pairs), dtype=np.int64).reshape(-1, 2)
-    is_query = pair_array[:, 0] == QUERY
-    query_texts, query_map = _compact(interners[QUERY], pair_array[is_query, 1])
-    doc_texts, doc_map = _compact(interners[DOCUMENT], pair_array[~is_query, 1])
-    examples = pair_array.copy()
-    examples[is_query, 1] = query_map[pair_array[is_query, 1]]
-    examples[~is_query, 1] = doc_map[pair_array[~is_query, 1]]
-    return query_texts, doc_texts, examples, reports
-
-
-def _read_phase2_source(
-    data: Any, source: Any, num_negatives: int, queries: _Interner, documents: _Interner, seen: set[tuple[int, ...]]
+def _read_source(
+    data: Any,
+    source: Any,
+    plan_of: Callable[[Sequence[str]], _Plan],
+    parse: Callable[[_Plan, dict[str, Any]], tuple[int, ...]],
+    seen: set[tuple[int, ...]],
 ) -> tuple[list[tuple[int, ...]], SourceReport]:
-    """Valid rows of one phase-2 source not already in ``seen``: ``(query id, positive id, negative ids...)``.
+    """The keys ``parse(plan, row)`` of the source's valid rows that are not already in ``seen`` (which grows).
 
-    With ``fill_negatives: random`` a row may carry fewer than ``num_negatives`` negatives (filled later).
+    ``plan_of(columns)`` says which columns a row with these columns is read from; bad rows raise or are counted
+    as ``data.on_bad_row`` says, and a source without any usable row is an error.
     """
-    fill = data.fill_negatives == "random"
     report = SourceReport(name=_source_name(source))
     rows: list[tuple[int, ...]] = []
-    plans: dict[tuple[str, ...], _Phase2Plan | str] = {}
+    plans: dict[tuple[str, ...], _Plan] = {}
     for part in _resolve_parts(source):
         columns, row_iter = _open_part(part)
         if columns is not None:
-            plan = _phase2_plan(source, columns, num_negatives, fill)
-            if isinstance(plan, str):
-                raise DataError(f"{part.label}: {plan}")
-            _check_schema(part.label, columns, (plan.query, plan.positive, *plan.negatives))
+            _check_columns(part.label, columns, plan_of)
         for loc, row in row_iter:
             report.rows_read += 1
             try:
@@ -668,24 +504,54 @@ def _read_phase2_source(
                     raise row
                 keys = tuple(row)
                 if keys not in plans:
-                    plans[keys] = _phase2_plan(source, keys, num_negatives, fill)
-                plan = plans[keys]
-                if isinstance(plan, str):
-                    raise _BadRow(plan)
-                query, positive, negatives = _phase2_texts(plan, row, num_negatives)
-                if len(negatives) < num_negatives and not fill:
-                    raise _BadRow(f"has {len(negatives)} negatives, {num_negatives} needed "
-                                  f"(or set fill_negatives: random)")
+                    plans[keys] = plan_of(keys)
+                for column, _ in plans[keys]:
+                    if column not in row:
+                        raise _BadRow(f"missing column {column!r}")
+                key = parse(plans[keys], row)
             except _BadRow as err:
-                _bad(data, report, loc, err)
+                if data.on_bad_row == "error":
+                    raise DataError(f"{loc}: {err}") from None
+                report.dropped_bad += 1
                 continue
-            key = (queries.add(query), documents.add(positive), *(documents.add(n) for n in negatives))
             if key in seen:
                 report.dropped_duplicate += 1
                 continue
             seen.add(key)
             rows.append(key)
+    if not rows:
+        raise DataError(f"source {report.name}: no usable rows (read {report.rows_read}, bad {report.dropped_bad}, "
+                        f"duplicate {report.dropped_duplicate})")
     return rows, report
+
+
+def _prepare_phase1(
+    data: Any, cap_default: int | None, seed: int
+) -> tuple[list[str], list[str], np.ndarray, list[SourceReport]]:
+    """Read every phase-1 source, cap each one (rows), and return (query texts, document texts, examples, reports).
+
+    A row's key is its distinct ``(role, text id)`` items; rows are deduplicated within their source.
+    """
+    ids: dict[int, dict[str, int]] = {QUERY: {}, DOCUMENT: {}}
+
+    def parse(plan: _Plan, row: dict[str, Any]) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((role, _intern(ids[role], text)) for role, text in _phase1_items(plan, row)))
+
+    pairs: dict[tuple[int, int], None] = {}  # ordered set of (role, text id) over every kept row
+    reports = []
+    for index, source in enumerate(data.phase1):
+        rows, report = _read_source(data, source, functools.partial(_phase1_plan, source), parse, set())
+        cap = source.max_samples if source.max_samples is not None else cap_default
+        chosen = _sample(len(rows), cap, np.random.default_rng([seed, 1, index]))
+        _keep(report, len(chosen))
+        for i in chosen.tolist():
+            pairs.update(dict.fromkeys(rows[i]))
+        reports.append(report)
+    # The tables hold only the kept texts, numbered in order of first use.
+    texts = {role: list(table) for role, table in ids.items()}
+    tables: dict[int, dict[str, int]] = {QUERY: {}, DOCUMENT: {}}
+    examples = [(role, _intern(tables[role], texts[role][i])) for role, i in pairs]
+    return list(tables[QUERY]), list(tables[DOCUMENT]), np.array(examples, dtype=np.int64).reshape(-1, 2), reports
 
 
 def _prepare_phase2(
@@ -693,56 +559,58 @@ def _prepare_phase2(
 ) -> tuple[list[str], list[str], np.ndarray, list[SourceReport]]:
     """Read every phase-2 source, apply the per-source caps then the total cap, fill short negative lists.
 
+    A row's key is ``(query id, positive id, negative ids...)``, deduplicated over the phase; with
+    ``fill_negatives: random`` it may hold fewer than ``num_negatives`` negatives (filled here).
     Returns (query texts, document texts, examples int64 [N, 2 + num_negatives], reports).
     """
-    if num_negatives < 0:
-        raise ConfigError(f"phase2.num_negatives: must be >= 0, got {num_negatives}")
-    queries, documents = _Interner(), _Interner()
+    fill = data.fill_negatives == "random"
+    query_ids: dict[str, int] = {}
+    doc_ids: dict[str, int] = {}
+
+    def parse(plan: _Plan, row: dict[str, Any]) -> tuple[int, ...]:
+        query, positive, negatives = _phase2_texts(plan, row, num_negatives)
+        if len(negatives) < num_negatives and not fill:
+            raise _BadRow(f"has {len(negatives)} negatives, {num_negatives} needed (or set fill_negatives: random)")
+        return (_intern(query_ids, query), *(_intern(doc_ids, d) for d in (positive, *negatives)))
+
     candidates: list[tuple[int, ...]] = []
     origin: list[int] = []  # source index of each candidate
     seen: set[tuple[int, ...]] = set()
     reports = []
     for index, source in enumerate(data.phase2):
-        rows, report = _read_phase2_source(data, source, num_negatives, queries, documents, seen)
-        if not rows:
-            raise _empty_source_error(report.name, report)
+        plan_of = functools.partial(_phase2_plan, source, num_negatives=num_negatives, fill=fill)
+        rows, report = _read_source(data, source, plan_of, parse, seen)
         chosen = _sample(len(rows), source.max_samples, np.random.default_rng([seed, 2, index]))
-        report.sampled_out = len(rows) - len(chosen)
         candidates.extend(rows[i] for i in chosen.tolist())
         origin.extend([index] * len(chosen))
         reports.append(report)
 
     chosen = _sample(len(candidates), max_samples, np.random.default_rng([seed, 3]))
-    origin_all = np.asarray(origin, dtype=np.int64)
-    origin_kept = origin_all[chosen]
-    before = np.bincount(origin_all, minlength=len(reports))
-    after = np.bincount(origin_kept, minlength=len(reports))
-    for report, n_before, n_after in zip(reports, before.tolist(), after.tolist()):
-        report.kept = n_after
-        report.sampled_out += n_before - n_after
-    kept = [candidates[i] for i in chosen.tolist()]
+    origin_kept = np.asarray(origin, dtype=np.int64)[chosen]
+    for report, kept in zip(reports, np.bincount(origin_kept, minlength=len(reports)).tolist()):
+        _keep(report, kept)
 
-    query_texts, query_map = _compact(queries, np.fromiter((e[0] for e in kept), dtype=np.int64, count=len(kept)))
-    doc_texts, doc_map = _compact(documents, np.fromiter((d for e in kept for d in e[1:]), dtype=np.int64))
+    # The tables hold only the kept texts, numbered in order of first use.
+    query_texts, doc_texts = list(query_ids), list(doc_ids)
+    queries: dict[str, int] = {}
+    documents: dict[str, int] = {}
+    kept = []
+    for e in (candidates[i] for i in chosen.tolist()):
+        kept.append([_intern(queries, query_texts[e[0]]), *(_intern(documents, doc_texts[d]) for d in e[1:])])
     width = 2 + num_negatives
-    if any(len(e) < width for e in kept) and len(doc_texts) < num_negatives + 1:
-        raise DataError(f"phase 2: cannot fill negatives: only {len(doc_texts)} distinct documents, "
+    if any(len(row) < width for row in kept) and len(documents) < num_negatives + 1:
+        raise DataError(f"phase 2: cannot fill negatives: only {len(documents)} distinct documents, "
                         f"{num_negatives + 1} needed (positive + {num_negatives} negatives)")
-    examples = np.empty((len(kept), width), dtype=np.int64)
-    filled = np.zeros(len(reports), dtype=np.int64)
     rng = np.random.default_rng([seed, 4])
-    for i, example in enumerate(kept):
-        row = [int(query_map[example[0]]), *(int(doc_map[d]) for d in example[1:])]
+    for i, row in enumerate(kept):
         if len(row) < width:
-            row = _fill(row, num_negatives, len(doc_texts), rng)
-            filled[origin_kept[i]] += 1
-        examples[i] = row
-    for report, count in zip(reports, filled.tolist()):
-        report.filled_negatives = count
-    return query_texts, doc_texts, examples, reports
+            _fill(row, num_negatives, len(documents), rng)
+            reports[origin_kept[i]].filled_negatives += 1
+    examples = np.array(kept, dtype=np.int64).reshape(-1, width)
+    return list(queries), list(documents), examples, reports
 
 
-def _fill(row: list[int], num_negatives: int, num_docs: int, rng: np.random.Generator) -> list[int]:
+def _fill(row: list[int], num_negatives: int, num_docs: int, rng: np.random.Generator) -> None:
     """Append random document rows (never the positive ``row[1]`` nor an existing negative) up to k negatives."""
     taken = set(row[1:])
     while len(row) < 2 + num_negatives:
@@ -750,12 +618,9 @@ def _fill(row: list[int], num_negatives: int, num_docs: int, rng: np.random.Gene
         if candidate not in taken:
             taken.add(candidate)
             row.append(candidate)
-    return row
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Prepared folders: rank 0 writes, every rank reads
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Prepared folders: rank 0 writes, every rank reads ----
 
 
 @contextlib.contextmanager
@@ -770,12 +635,6 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _config_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return dict(vars(obj))
-
-
 def _digest(payload: Any) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -783,17 +642,21 @@ def _digest(payload: Any) -> str:
 
 def _phase_key(phase: str, data: Any, sources: list[Any], params: dict[str, Any]) -> str:
     """Hash of everything the prepared tables depend on (including local files' size + mtime)."""
-    files = [state for source in sources for state in _local_files_state(_resolve_parts(source))]
-    payload = {
+    files = []
+    for source in sources:
+        for part in _resolve_parts(source):
+            if part.path is not None:
+                stat = part.path.stat()
+                files.append([str(part.path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return _digest({
         "version": _PREPARED_VERSION,
         "phase": phase,
-        "sources": [_config_dict(s) for s in sources],
+        "sources": [vars(s) for s in sources],
         "on_bad_row": data.on_bad_row,
         "fill_negatives": data.fill_negatives,
         "params": params,
         "files": files,
-    }
-    return _digest(payload)
+    })
 
 
 def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
@@ -810,22 +673,6 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_text_table(texts: list[str], folder: Path) -> None:
-    datasets.Dataset.from_dict({"text": texts}, features=_TEXT_FEATURES).save_to_disk(str(folder))
-
-
-def _save_prepared(folder: Path, queries: list[str], documents: list[str], examples: np.ndarray,
-                   reports: list[SourceReport], meta: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        _save_text_table(queries, tmp / "queries")
-        _save_text_table(documents, tmp / "documents")
-        np.save(tmp / "examples.npy", examples)
-        (tmp / "reports.json").write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-
-    _write_atomically(folder, write)
 
 
 def _load_prepared(folder: Path) -> tuple[TextTable, TextTable, np.ndarray, list[SourceReport]]:
@@ -861,22 +708,22 @@ def _main_prepares(prepare: Callable[[], Path]) -> Path:
             outcome, error = ("other", f"{type(err).__name__}: {_one_line(err)}"), err
     outcome = broadcast_object(outcome)
     barrier()
-    status, payload = outcome
-    if status == "ok":
-        return Path(payload)
     if error is not None:
         raise error
+    status, payload = outcome
     if status == "data":
         raise DataError(payload)
-    raise DistillError(f"rank 0 failed while preparing data: {payload}")
+    if status == "other":
+        raise DistillError(f"rank 0 failed while preparing data: {payload}")
+    return Path(payload)
 
 
 def _log_reports(phase: str, folder: Path, reports: list[SourceReport], n_queries: int, n_documents: int,
                  n_examples: int, reused: bool) -> None:
+    verb = "reused" if reused else "prepared"
     name_width = max([len("source"), *(len(r.name) for r in reports)])
     lines = [
-        f"{phase}: {n_examples} examples, {n_queries} queries, {n_documents} documents "
-        f"({'reused' if reused else 'prepared'} {folder})",
+        f"{phase}: {n_examples} examples, {n_queries} queries, {n_documents} documents ({verb} {folder})",
         f"  {'source':<{name_width}} {'read':>9} {'kept':>9} {'bad':>7} {'duplicate':>9} {'filled':>7} {'capped':>9}",
     ]
     for r in reports:
@@ -899,8 +746,16 @@ def _load_phase(phase: str, data: Any, sources: list[Any], params: dict[str, Any
             _log_reports(phase, folder, reports, len(queries), len(documents), len(examples), reused=True)
             return folder
         query_texts, doc_texts, examples, reports = build()
-        meta = {"phase": phase, "sources": [_config_dict(s) for s in sources], "params": params}
-        _save_prepared(folder, query_texts, doc_texts, examples, reports, meta)
+
+        def write(tmp: Path) -> None:
+            for name, texts in (("queries", query_texts), ("documents", doc_texts)):
+                datasets.Dataset.from_dict({"text": texts}, features=_TEXT_FEATURES).save_to_disk(str(tmp / name))
+            np.save(tmp / "examples.npy", examples)
+            (tmp / "reports.json").write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
+            meta = {"phase": phase, "sources": [vars(s) for s in sources], "params": params}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+
+        _write_atomically(folder, write)
         _log_reports(phase, folder, reports, len(query_texts), len(doc_texts), len(examples), reused=False)
         return folder
 
@@ -916,11 +771,8 @@ def load_phase1(data: DataConfig, max_samples_per_dataset: int | None, seed: int
     ``max_samples_per_dataset`` rows, chosen at random from its unique valid rows.
     """
     params = {"max_samples_per_dataset": max_samples_per_dataset, "seed": seed}
-    queries, documents, examples, reports = _load_phase(
-        "phase1", data, list(data.phase1), params, work_dir,
-        lambda: _prepare_phase1(data, max_samples_per_dataset, seed),
-    )
-    return Phase1Data(queries=queries, documents=documents, examples=examples, reports=reports)
+    build = lambda: _prepare_phase1(data, max_samples_per_dataset, seed)  # looked up at call time (tests patch it)
+    return Phase1Data(*_load_phase("phase1", data, list(data.phase1), params, work_dir, build))
 
 
 def load_phase2(
@@ -934,11 +786,8 @@ def load_phase2(
     are used. Each source is capped to ``source.max_samples`` (random subset), then the union to ``max_samples``.
     """
     params = {"num_negatives": num_negatives, "max_samples": max_samples, "seed": seed}
-    queries, documents, examples, reports = _load_phase(
-        "phase2", data, list(data.phase2), params, work_dir,
-        lambda: _prepare_phase2(data, num_negatives, max_samples, seed),
-    )
-    return Phase2Data(queries=queries, documents=documents, examples=examples, reports=reports)
+    build = lambda: _prepare_phase2(data, num_negatives, max_samples, seed)  # looked up at call time
+    return Phase2Data(*_load_phase("phase2", data, list(data.phase2), params, work_dir, build))
 
 
 def load_phase_data(cfg: Config, phase: int, work_dir: str | Path | None = None) -> Phase1Data | Phase2Data:
@@ -955,9 +804,7 @@ def load_phase_data(cfg: Config, phase: int, work_dir: str | Path | None = None)
     raise ConfigError(f"phase must be 1 or 2, got {phase!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenization (once, cached)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Tokenization (once, cached) ----
 
 
 def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: str | Path) -> TokenizedTable:
@@ -988,7 +835,7 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
             load_from_cache_file=False,
         )
         mapped.save_to_disk(str(tmp / "tokens"))
-        np.save(tmp / "lengths.npy", _column_numpy(mapped, "length"))
+        np.save(tmp / "lengths.npy", np.asarray(mapped.data.column("length").to_numpy(), dtype=np.int64))
         del mapped
         (tmp / "map.arrow").unlink(missing_ok=True)
 
@@ -1004,16 +851,10 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
         lengths = np.load(ready / "lengths.npy")
     except (OSError, ValueError) as err:
         raise DataError(f"{ready}: tokenized data is unreadable ({_one_line(err)}); delete the folder") from None
-    return TokenizedTable(dataset=dataset, lengths=lengths.astype(np.int64, copy=False))
+    return TokenizedTable(dataset=dataset, lengths=lengths)
 
 
-def _column_numpy(dataset: datasets.Dataset, column: str) -> np.ndarray:
-    """A column of a freshly mapped (hence index-free) dataset as int64."""
-    return np.asarray(dataset.data.column(column).to_numpy(), dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preflight: cheap checks every rank runs before any process group exists
+# ---- Preflight: cheap checks every rank runs before any process group exists ----
 
 
 def preflight(data: Any, phases: Sequence[int], num_negatives: int) -> None:
@@ -1024,29 +865,23 @@ def preflight(data: Any, phases: Sequence[int], num_negatives: int) -> None:
     :class:`DataError` the full read would. Row-level problems further down a file are found by the full read
     (rank 0, before any model loads); Hub sources are only reachable through that read.
     """
+    fill = data.fill_negatives == "random"
     for phase in phases:
         for source in data.phase1 if phase == 1 else data.phase2:
+            if phase == 1:
+                plan_of = functools.partial(_phase1_plan, source)
+            else:
+                plan_of = functools.partial(_phase2_plan, source, num_negatives=num_negatives, fill=fill)
             for part in _resolve_parts(source):
                 if part.format == "hub":
                     continue
                 if part.path.stat().st_size == 0:
                     raise DataError(f"{part.label}: empty file (source {_source_name(source)})")
                 columns, rows = _open_part(part)
-                first = next(iter(rows), None)
+                first = next(rows, None)
                 if first is None:
                     raise DataError(f"{part.label}: no rows (source {_source_name(source)})")
                 loc, row = first
                 if isinstance(row, _BadRow):
                     raise DataError(f"{loc}: {row}")
-                names = columns if columns is not None else list(row)
-                if phase == 1:
-                    plan = _phase1_columns(source, names)
-                    if not plan:
-                        raise DataError(f"{part.label}: no query or document column among {', '.join(names)} "
-                                        f"(set query_columns / document_columns)")
-                    _check_schema(part.label, names, (c for c, _ in plan))
-                else:
-                    plan2 = _phase2_plan(source, names, num_negatives, data.fill_negatives == "random")
-                    if isinstance(plan2, str):
-                        raise DataError(f"{part.label}: {plan2}")
-                    _check_schema(part.label, names, (plan2.query, plan2.positive, *plan2.negatives))
+                _check_columns(part.label, columns if columns is not None else list(row), plan_of)
