@@ -54,9 +54,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield line_no, line.rstrip("\r\n")
 
 
-def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``{_id: {key: str}}`` from a JSON-lines file; any bad line is a :class:`DataError` naming file and line."""
-    rows: dict[str, dict[str, str]] = {}
+def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, str]:
+    """``{_id: text}`` from a JSON-lines file, text = ``title + " " + text`` when ``text_keys`` has a non-empty
+    title; any bad line is a :class:`DataError` naming file and line."""
+    rows: dict[str, str] = {}
     for line_no, line in _lines(path):
         where = f"{path}:{line_no}"
         try:
@@ -75,7 +76,8 @@ def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, dict[str, str
         for key, value in fields.items():
             if not isinstance(value, str):
                 raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-        rows[doc_id] = fields
+        title = fields.get("title", "").strip()
+        rows[doc_id] = f"{title} {fields['text']}".strip() if title else fields["text"]
     return rows
 
 
@@ -102,28 +104,21 @@ def _read_qrels(path: Path, queries_path: Path, query_ids: Container[str]) -> Qr
 
 
 def read_beir(folder: str | Path, split: str = "test") -> BeirData:
-    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv`` of a BEIR folder.
-
-    Document text is ``title + " " + text`` when the title is non-empty. Only queries with qrels are kept; a qrels
-    query missing from ``queries.jsonl`` is a :class:`DataError` naming the qrels line.
-    """
+    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv`` of a BEIR folder. Only queries with qrels
+    are kept; a qrels query missing from ``queries.jsonl`` is a :class:`DataError` naming the qrels line."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: BEIR folder not found")
-    corpus_rows = _read_jsonl(folder / "corpus.jsonl", ("title", "text"))
-    query_rows = _read_jsonl(folder / "queries.jsonl", ("text",))
+    corpus = _read_jsonl(folder / "corpus.jsonl", ("title", "text"))
+    queries = _read_jsonl(folder / "queries.jsonl", ("text",))
     qrels_path = folder / "qrels" / f"{split}.tsv"
-    qrels = _read_qrels(qrels_path, folder / "queries.jsonl", query_rows)
+    qrels = _read_qrels(qrels_path, folder / "queries.jsonl", queries)
     if not qrels:
         raise DataError(f"{qrels_path}: no qrels")
-    missing_docs = {d for judged in qrels.values() for d in judged} - corpus_rows.keys()
+    missing_docs = {d for judged in qrels.values() for d in judged} - corpus.keys()
     if missing_docs:
         logger.warning("%s: %d judged corpus-ids are not in corpus.jsonl", qrels_path, len(missing_docs))
-    corpus = {
-        did: f"{row['title'].strip()} {row['text']}".strip() if row["title"].strip() else row["text"]
-        for did, row in corpus_rows.items()
-    }
-    queries = {qid: row["text"] for qid, row in query_rows.items() if qid in qrels}
+    queries = {qid: text for qid, text in queries.items() if qid in qrels}
     return BeirData(corpus=corpus, queries=queries, qrels=qrels)
 
 
@@ -136,12 +131,8 @@ def exact_search(
     query_chunk_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` documents by cosine similarity for every query: ``(scores [q, k'], indices [q, k'])`` sorted by
-    descending score, ``k' = min(k, n)``, in at least float32.
-
-    Queries and documents are taken in chunks with a running top-k, so memory stays
-    ``O(query_chunk_size * (chunk_size + k))``. Computation runs on ``query_emb.device``; ``doc_emb`` may live
-    elsewhere (e.g. CPU) and is moved chunk by chunk.
-    """
+    descending score, ``k' = min(k, n)``, in at least float32, on ``query_emb.device``. Queries and documents are
+    taken in chunks with a running top-k, so ``doc_emb`` may be large and live elsewhere (e.g. CPU)."""
     if query_emb.ndim != 2 or doc_emb.ndim != 2 or query_emb.shape[1] != doc_emb.shape[1]:
         raise ValueError(
             f"exact_search needs [q, d] and [n, d], got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}"
@@ -307,7 +298,6 @@ def _mean_cosine(student: Embeddings, teacher: Embeddings) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
 def evaluate_settings(
     queries: Mapping[str, str],
     corpus: Mapping[str, str],
@@ -358,12 +348,9 @@ def evaluate_settings(
 
 
 def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn(*args, **kwargs)`` on rank 0 only and return its result on every rank.
-
-    If ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise a :class:`DistillError` (so nobody
-    hangs). ``fn`` must not itself call collectives: during training, encode with the unwrapped module in eval
-    mode, not the DDP wrapper.
-    """
+    """Run ``fn(*args, **kwargs)`` on rank 0 only and return its result on every rank; if it raises, rank 0
+    re-raises and the other ranks raise a :class:`DistillError`. ``fn`` must not call collectives (during training,
+    encode with the unwrapped module, not the DDP wrapper)."""
     payload: tuple[str, Any] | None = None
     error: BaseException | None = None
     if distributed.is_main():
@@ -406,12 +393,9 @@ def evaluate_model(
     out: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], Path]:
-    """Evaluate the student folder ``model`` (and ``teacher``, a hub id or folder, if given) on the BEIR folder
-    ``data``; write ``eval.json`` and ``report.md``/``report.json`` into ``out`` (default: the model folder).
-
-    Returns the results (:func:`evaluate_settings` plus ``model``, ``data``, ``split``, ``teacher``) and the
-    output folder. This is ``python -m distill evaluate``.
-    """
+    """``python -m distill evaluate``: evaluate the student folder ``model`` (and ``teacher``, a hub id or folder)
+    on the BEIR folder ``data``; write ``eval.json`` and ``report.md``/``report.json`` into ``out`` (default: the
+    model folder). Returns the results (:func:`evaluate_settings` plus the arguments) and the output folder."""
     from distill import report
 
     if batch_size < 1:

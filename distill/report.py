@@ -184,7 +184,9 @@ def _axes(
     return ax
 
 
-def _save(ax: Axes, path: Path, **legend: Any) -> Path:
+def _save(ax: Axes | None, path: Path, **legend: Any) -> Path | None:
+    if ax is None:
+        return None
     ax.legend(**legend)
     ax.figure.savefig(path, format="png", dpi=100)
     return path
@@ -215,8 +217,7 @@ def _plot_eval_history(records: list[Mapping[str, Any]], path: Path) -> Path | N
                 if _is_number(row["metrics"].get("ndcg@10")):
                     name = f"{r.get('phase', 'all')} {row['setting']}@{row['dim']}"
                     lines.setdefault(name, []).append((r["step"], row["metrics"]["ndcg@10"]))
-    ax = _axes(lines, "eval nDCG@10 during training", "nDCG@10", marker="o")
-    return None if ax is None else _save(ax, path, fontsize="small")
+    return _save(_axes(lines, "eval nDCG@10 during training", "nDCG@10", marker="o"), path, fontsize="small")
 
 
 def mrl_points(eval_results: Mapping[str, Any] | None) -> list[tuple[int, float]]:
@@ -253,8 +254,7 @@ def plot_metrics(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     series = train_series(records)
     written = [_plot_loss(phase, s, out_dir / f"loss_{phase}.png") for phase, s in series.items()]
     lr = {phase: [(r["step"], r["lr"]) for r in s if _is_number(r.get("lr"))] for phase, s in series.items()}
-    lr_ax = _axes(lr, "learning rate", "lr", figsize=(7, 4))
-    written.append(None if lr_ax is None else _save(lr_ax, out_dir / "lr.png"))
+    written.append(_save(_axes(lr, "learning rate", "lr", figsize=(7, 4)), out_dir / "lr.png"))
     written.append(_plot_eval_history(records, out_dir / "eval_ndcg.png"))
     written.append(plot_mrl(last_eval_results(records), out_dir / MRL_PLOT))
     return [p for p in written if p is not None]
