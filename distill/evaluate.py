@@ -411,8 +411,7 @@ def evaluate_model(
             beir.queries, beir.corpus, beir.qrels, lambda texts, role: encoder.encode(texts, role, batch_size)
         )
         del encoder  # free the teacher before the student loads
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
     student = _student_encoder(model, batch_size, trust_remote_code, str(device))
     results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, student, teacher_emb, dims)
     results.update(model=str(model), data=str(data), split=split, teacher=teacher)
