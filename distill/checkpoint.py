@@ -17,6 +17,7 @@ skips (with a warning) any that is incomplete or unreadable.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import shutil
@@ -251,13 +252,40 @@ class CheckpointManager:
             tmp.replace(out)
         D.barrier()
 
-    def load_phase_weights(self, phase: int, model: torch.nn.Module) -> Path:
-        path = self.phase_weights(phase)
-        if not path.is_file():
-            raise CheckpointError(f"no phase-{phase} result at {path}; run phase {phase} of this experiment first "
-                                  "(same config name and output_dir)")
-        model.load_state_dict(load_file(str(path)))
-        return path
+    def find_phase1(self, output_dir: Path, model_name: str, phase1_from: str | None) -> Path:
+        """The phase-1 weights a phase-2-only run starts from.
+
+        ``phase1_from`` names an experiment in ``output_dir``, a run folder or a weights file. Without it: this run's
+        own phase-1 result, else the only one of another experiment of the same model (``{model_name}-*``) in
+        ``output_dir``; several are an error that lists them.
+        """
+        if phase1_from:
+            given = Path(phase1_from)
+            for path in (given, given / "phase1" / "model.safetensors", given / "model.safetensors",
+                         output_dir / phase1_from / "phase1" / "model.safetensors"):
+                if path.is_file():
+                    return path
+            raise CheckpointError(f"training.phase1_from: '{phase1_from}' is neither a phase-1 weights file, a run "
+                                  f"folder with phase1/model.safetensors, nor an experiment in {output_dir}")
+        if self.phase_weights(1).is_file():
+            return self.phase_weights(1)
+        found = sorted(output_dir.glob(f"{glob.escape(model_name)}-*/phase1/model.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            names = ", ".join(p.parent.parent.name for p in found)
+            raise CheckpointError(f"training.skip_phase1: several phase-1 results of {model_name} in {output_dir} "
+                                  f"({names}); set training.phase1_from to one of them")
+        raise CheckpointError(f"training.skip_phase1 is true but no phase-1 result exists at {self.phase_weights(1)} "
+                              f"nor in another experiment of {model_name} in {output_dir}; run phase 1 first or set "
+                              "training.phase1_from")
+
+    @staticmethod
+    def load_weights(path: Path, model: torch.nn.Module) -> None:
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except (RuntimeError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot load into this model ({e})".splitlines()[0]) from None
 
     def finished_phases(self) -> list[int]:
         """Phases a previous run of this experiment completed and exported (read from its DONE marker)."""

@@ -179,6 +179,9 @@ class TrainingConfig:
     # CPU runs only: the CPU-specific tuning of distill/hardware.py (bf16 detection for precision auto, faster
     # dropout masks); off for GPU recipes, where it changes nothing
     cpu_tuning: bool = False
+    # phase-2-only runs (skip_phase1): the phase-1 result to start from: an experiment name in output_dir, a run
+    # folder or a model.safetensors; null: this experiment's own, else the only phase-1 result of the same model
+    phase1_from: str | None = None
 
     def validate(self) -> None:
         if self.skip_phase1 and self.skip_phase2:

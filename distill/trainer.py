@@ -160,7 +160,9 @@ class Trainer:
             if resume.state.phase == 1 and resume.state.phase_done:
                 log.info("phase 2 starts from the phase-1 weights in %s", resume.path)
         elif self.cfg.phases == [2]:
-            path = self.checkpoints.load_phase_weights(1, self.model)
+            t = self.cfg.training
+            path = self.checkpoints.find_phase1(Path(self.cfg.paths.output_dir), self.cfg.model_name, t.phase1_from)
+            self.checkpoints.load_weights(path, self.model)
             log.info("phase 2 starts from the phase-1 weights in %s", path)
         for p in self.cfg.phases:
             if resume is not None and (p < resume.state.phase or (p == resume.state.phase and resume.state.phase_done)):

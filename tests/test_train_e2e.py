@@ -210,3 +210,56 @@ def test_head_only_steps_leave_the_student_untouched(tmp_path, tiny_teacher_dir,
     assert student_keys and all(torch.equal(trained[k], base[k]) for k in student_keys)
     records = train_records(tmp_path / "out" / "distilled-model-48d-tiny", "phase1")
     assert_loss_falls(records)  # the head alone still learns
+
+
+def test_phase2_only_config_starts_from_another_experiments_phase1(tmp_path, tiny_teacher_dir, tiny_student_dir,
+                                                                   data_files):
+    """The spec's use case 3 under 2-rank torchrun: phase 1 of one experiment, then a phase2_only config (its own
+    experiment name) that finds that phase-1 result and starts from it."""
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
+    args = ["--set", "phase1.num_epochs=1", "--set", "eval.data=null"]
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, timeout=600,
+                       args=["--config", str(cfg), "--set", "training.skip_phase2=true", *args])
+    assert res.returncode == 0, res.stderr[-3000:]
+    phase1_path = tmp_path / "out" / "distilled-model-48d-tiny" / "phase1" / "model.safetensors"
+    phase1 = load_file(str(phase1_path))
+    phase2_only = tmp_path / "phase2_only.yaml"
+    phase2_only.write_text(cfg.read_text())
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, timeout=600,
+                       args=["--config", str(phase2_only), "--set", "training.skip_phase1=true",
+                             "--set", "phase2.learning_rate=1.0e-12", *args])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"phase 2 starts from the phase-1 weights in {phase1_path}" in res.stderr
+    run_dir = tmp_path / "out" / "distilled-model-48d-phase2_only"
+    final = load_file(str(run_dir / "phase2" / "model.safetensors"))
+    assert final.keys() == phase1.keys()
+    assert all(torch.allclose(final[k], phase1[k], atol=1e-6) for k in phase1)
+    assert json.loads((run_dir / "DONE").read_text()) == {"phases": [2]}
+    assert phase1_path.is_file()  # the phase-1 experiment is untouched
+
+
+def test_find_phase1_picks_the_only_result_or_asks(tmp_path) -> None:
+    from distill.checkpoint import CheckpointManager
+    from distill.errors import CheckpointError
+
+    out = tmp_path / "out"
+    manager = CheckpointManager(out / "m-phase2_only", keep_last=1)
+    with pytest.raises(CheckpointError, match="no phase-1 result exists at"):
+        manager.find_phase1(out, "m", None)
+    first = out / "m-default" / "phase1" / "model.safetensors"
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"x")
+    (out / "other-default" / "phase1").mkdir(parents=True)
+    (out / "other-default" / "phase1" / "model.safetensors").write_bytes(b"x")  # another model: not a candidate
+    assert manager.find_phase1(out, "m", None) == first
+    second = out / "m-ablation" / "phase1" / "model.safetensors"
+    second.parent.mkdir(parents=True)
+    second.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"several phase-1 results of m .*\(m-ablation, m-default\); set "
+                                              r"training.phase1_from"):
+        manager.find_phase1(out, "m", None)
+    assert manager.find_phase1(out, "m", "m-ablation") == second
+    assert manager.find_phase1(out, "m", str(first)) == first
+    assert manager.find_phase1(out, "m", str(out / "m-default")) == first
+    with pytest.raises(CheckpointError, match="training.phase1_from: 'nope'"):
+        manager.find_phase1(out, "m", "nope")
