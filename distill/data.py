@@ -697,25 +697,23 @@ def _main_prepares(prepare: Callable[[], Path]) -> Path:
     Rank 0's outcome is broadcast before the barrier, so a failure there raises the same message on every rank
     instead of leaving the others waiting.
     """
-    outcome: tuple[str, str] | None = None
+    outcome: Path | DistillError | None = None
     error: BaseException | None = None
     if get_info().rank == 0:
         try:
-            outcome = ("ok", str(prepare()))
+            outcome = prepare()
         except DataError as err:
-            outcome, error = ("data", str(err)), err
+            outcome = error = err
         except Exception as err:  # noqa: BLE001 - any rank-0 failure must reach the other ranks
-            outcome, error = ("other", f"{type(err).__name__}: {_one_line(err)}"), err
+            error = err
+            outcome = DistillError(f"rank 0 failed while preparing data: {type(err).__name__}: {_one_line(err)}")
     outcome = broadcast_object(outcome)
     barrier()
     if error is not None:
         raise error
-    status, payload = outcome
-    if status == "data":
-        raise DataError(payload)
-    if status == "other":
-        raise DistillError(f"rank 0 failed while preparing data: {payload}")
-    return Path(payload)
+    if isinstance(outcome, DistillError):
+        raise outcome
+    return outcome
 
 
 def _log_reports(phase: str, folder: Path, reports: list[SourceReport], n_queries: int, n_documents: int,
