@@ -107,7 +107,7 @@ def _distinct(keys: np.ndarray) -> np.ndarray:
     order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal keys keep ascending positions
     ordered = keys[order]
     new = np.ones(len(keys), dtype=bool)
-    new[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    new[1:] = (ordered[1:, 0] != ordered[:-1, 0]) | (ordered[1:, 1] != ordered[:-1, 1])
     return order[new].astype(np.int64)
 
 
@@ -178,23 +178,18 @@ def _load_shard(
     try:
         manifest = json.loads((directory / f"{stem}.json").read_text(encoding="utf-8"))
         shard = _Shard(directory, stem, manifest["rows"], manifest["dim"], manifest["dtype"])
-        emb_meta, keys_meta = manifest["embeddings"], manifest["keys"]
-        supported = manifest["format"] == FORMAT_VERSION and shard.dtype in _DTYPES
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise _InvalidShard(f"unreadable manifest: {exc!r}") from None
-    if not supported:
-        raise _InvalidShard("unsupported manifest format or dtype")
-    try:
+        if manifest["format"] != FORMAT_VERSION or shard.dtype not in _DTYPES:
+            raise _InvalidShard("unsupported manifest format or dtype")
         data = (directory / f"{stem}.keys.npy").read_bytes()
-        if hashlib.sha256(data).hexdigest() != keys_meta["sha256"]:
+        if hashlib.sha256(data).hexdigest() != manifest["keys"]["sha256"]:
             raise _InvalidShard(f"{stem}.keys.npy does not match its sha256")
         keys = np.load(io.BytesIO(data), allow_pickle=False)
-        size = shard.emb_path.stat().st_size
-        if size != emb_meta["bytes"]:
-            raise _InvalidShard(f"{shard.emb_path.name} has {size} bytes, manifest says {emb_meta['bytes']}")
+        emb_meta = manifest["embeddings"]
+        if shard.emb_path.stat().st_size != emb_meta["bytes"]:
+            raise _InvalidShard(f"{shard.emb_path.name} does not have the {emb_meta['bytes']} bytes of its manifest")
         emb = np.load(shard.emb_path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise _InvalidShard(str(exc)) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable or malformed manifest or data file
+        raise _InvalidShard(repr(exc)) from None
     want = ((shard.rows, 2), _KEY_DTYPE, (shard.rows, shard.dim), _DTYPES[shard.dtype][1])
     found = (keys.shape, keys.dtype, emb.shape, emb.dtype)
     if found != want:
@@ -464,7 +459,7 @@ class TeacherCache:
         directory = self._dir(namespace)
         stems, orphans, fingerprint = _listing(directory)
         cached = self._indexes.get(namespace)
-        if accepted is None and cached and cached.fingerprint == fingerprint and (cached.full or not full):
+        if accepted is None and cached is not None and cached.fingerprint == fingerprint and (cached.full or not full):
             return cached
         for stem in orphans:
             logger.warning("teacher cache: ignoring incomplete shard %s/%s (no manifest)", directory, stem)
