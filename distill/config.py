@@ -186,7 +186,7 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.skip_phase1 and self.skip_phase2:
             raise ConfigError("training: skip_phase1 and skip_phase2 are both true, nothing would be trained")
-        _non_negative(self, "save_steps", section="training")
+        _non_negative(self, "save_steps", "seed", section="training")
         _positive(self, "keep_last", "logging_steps", "max_nonfinite_steps", "dist_timeout_s", section="training")
 
 
@@ -288,6 +288,9 @@ class Config:
     config_name: str = "default"  # the YAML file's stem; not a YAML key
 
     def validate(self) -> None:
+        if self.model.model_name is not None:
+            _check_name(self.model.model_name, "model.model_name")
+        _check_name(self.config_name, "the config file's name (the experiment is {model_name}-{config name})")
         self.model.validate()
         self.phase1.validate()
         self.phase2.validate()
@@ -335,6 +338,16 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "config_name")
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _check_name(name: str, what: str) -> None:
+    """Names that become folder names must be one safe path component (no ``/``, ``..``, spaces or a leading dot)."""
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{what}: {name!r} must be one folder name of letters, digits, '.', '_' and '-' (starting "
+                          "with a letter or digit, at most 100 characters, no '..')")
 
 
 def student_family(student: str) -> str:

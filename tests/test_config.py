@@ -687,3 +687,17 @@ def test_warmup_ratio_replaces_warmup_steps(tmp_path: Path) -> None:
     assert shipped.phase1.warmup(293) < 293 and shipped.phase2.warmup(366) < 366
     with pytest.raises(ConfigError, match="phase2.warmup_ratio must be in"):
         load_config(write(tmp_path, "phase2:\n  warmup_ratio: 1.0\n"))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "with space", "x" * 101, "a..b", ""])
+def test_names_that_become_folders_are_one_safe_component(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="model.model_name: .* must be one folder name"):
+        load_config(write(tmp_path, f"model:\n  model_name: {name!r}\n"))
+
+
+def test_config_file_name_must_be_a_safe_experiment_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file's name .* 'my config' must be one folder name"):
+        load_config(write(tmp_path, "phase1:\n  num_epochs: 1\n", "my config.yaml"))
+    assert load_config(write(tmp_path, "model:\n  model_name: m-1.v2_x\n", "ok.yaml")).experiment == "m-1.v2_x-ok"
+    with pytest.raises(ConfigError, match="training.seed must be >= 0"):
+        load_config(write(tmp_path, "training:\n  seed: -1\n"))
