@@ -8,33 +8,45 @@ Layout of one checkpoint, ``{run_dir}/checkpoints/phase{p}-step{s:08d}/``::
     scaler.pt              fp16 grad scaler state (only with fp16)
     rng.pt                 every rank's torch (and CUDA) RNG state, in rank order
     state.json             phase, step, epoch, next micro-batch, counters, the resolved config
-    COMPLETE               written last: a checkpoint without it is ignored
+    MANIFEST.json          written last: byte size and sha256 of every file above (:mod:`distill.manifest`)
 
 Rank 0 writes everything into ``.tmp-<name>/`` (each file flushed and fsynced), renames the folder into place,
-fsyncs the parent, and only then deletes checkpoints beyond ``keep_last``. Loading walks checkpoints newest first and
-skips (with a warning) any that is incomplete or unreadable.
+fsyncs the parent, and only then deletes checkpoints beyond ``keep_last``. Loading verifies every file against the
+manifest (size, then sha256) before reading it; :func:`load_latest` walks checkpoints newest first and skips, with one
+warning line each, any that has no valid manifest (incomplete, or written before manifests existed), a missing,
+truncated or bit-flipped file, or a part that does not load (weights, optimizer, scheduler, scaler, RNG, state).
+
+:class:`RunLock` keeps a second run off a run folder that one is using (``{output_dir}/.{experiment}.lock``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import logging
+import os
 import shutil
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from distill import distributed as D
-from distill.atomic import fresh_tmp_dir, fsync_file, replace_dir, write_json_atomic
-from distill.errors import CheckpointError
+from distill.atomic import fresh_tmp_dir, replace_dir, write_json_atomic
+from distill.errors import CheckpointError, DistillError
+from distill.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
+COMPLETE = MANIFEST  # the file written last: a checkpoint folder without a valid one is incomplete
+# Parts every checkpoint has (scaler.pt only with fp16).
+REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 DONE_MARKER = "DONE"  # in the run folder: the phases a finished run trained and exported
 # Keys that may change between a run and its resume without changing what is trained.
 RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
@@ -85,8 +97,7 @@ def save_checkpoint(
     torch.save(rng_states, tmp / "rng.pt")
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
         json.dump({"state": state.__dict__, "config": config}, f, indent=2)
-    (tmp / COMPLETE).write_text("ok\n")
-    fsync_file(tmp / COMPLETE)
+    write_manifest(tmp)  # last, fsynced: the checkpoint is complete once it exists
     replace_dir(tmp, final)  # the same step saved again (a phase end right after a periodic save) replaces it
     prune(root, keep_last)
     return final
@@ -100,7 +111,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    complete = [p for p in list_checkpoints(root) if (p / COMPLETE).is_file()]
+    complete = [p for p in list_checkpoints(root) if (p / MANIFEST).is_file()]
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for p in root.iterdir():  # leftovers of a save that was killed half-way
@@ -120,34 +131,65 @@ class LoadedCheckpoint:
     config: dict[str, Any]
 
 
-def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Read one checkpoint; raises :class:`CheckpointError` when it is incomplete or unreadable."""
-    if not (path / COMPLETE).is_file():
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _load_rng(path: Path) -> list[dict[str, torch.Tensor]]:
+    states = _torch_load(path)
+    if not isinstance(states, list) or not states or not all(
+        isinstance(s, dict) and isinstance(s.get("torch"), torch.Tensor) and s["torch"].dtype == torch.uint8
+        for s in states
+    ):
+        raise TypeError("not a list of per-rank RNG states")
+    return states
+
+
+def _load_meta(path: Path) -> tuple[TrainState, dict[str, Any]]:
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(meta.get("config"), dict):
+        raise TypeError("no config")
+    return TrainState(**meta["state"]), meta["config"]
+
+
+def _load_part(path: Path, load: Callable[[Path], Any]) -> Any:
     try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        scaler_path = path / "scaler.pt"
-        return LoadedCheckpoint(
-            path=path,
-            model_state=load_file(str(path / "model.safetensors")),
-            optimizer_state=torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-            scheduler_state=torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"),
-            scaler_state=torch.load(scaler_path, weights_only=True) if scaler_path.exists() else None,
-            rng_states=torch.load(path / "rng.pt", weights_only=True, map_location="cpu"),
-            state=TrainState(**meta["state"]),
-            config=meta["config"],
-        )
+        return load(path)
     except Exception as e:  # noqa: BLE001 - any unreadable part makes the whole checkpoint unusable
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise CheckpointError(f"{path.parent}: {path.name} is unreadable ({type(e).__name__}: {e})"
+                              .splitlines()[0]) from None
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Verify one checkpoint against its manifest, then read it.
+
+    Raises :class:`CheckpointError` (one line naming the checkpoint and the file) when the manifest is missing or
+    malformed, a file is missing or does not match its size or sha256, or a part does not load.
+    """
+    try:
+        listed = verify_manifest(path, REQUIRED)["files"]
+    except ManifestError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    state, config = _load_part(path / "state.json", _load_meta)
+    return LoadedCheckpoint(
+        path=path,
+        model_state=_load_part(path / "model.safetensors", lambda p: load_file(str(p))),
+        optimizer_state=_load_part(path / "optimizer.pt", _torch_load),
+        scheduler_state=_load_part(path / "scheduler.pt", _torch_load),
+        scaler_state=_load_part(path / "scaler.pt", _torch_load) if "scaler.pt" in listed else None,
+        rng_states=_load_part(path / "rng.pt", _load_rng),
+        state=state,
+        config=config,
+    )
 
 
 def load_latest(root: Path) -> LoadedCheckpoint | None:
-    """The newest checkpoint that loads; broken newer ones are skipped with a warning."""
+    """The newest checkpoint that verifies and loads; each broken newer one is skipped with one warning line."""
     for path in reversed(list_checkpoints(root)):
         try:
             return load_checkpoint(path)
         except CheckpointError as e:
-            log.warning("skipping checkpoint: %s", e)
+            log.warning("skipping checkpoint %s; falling back to the previous one", e)
     return None
 
 
@@ -296,3 +338,70 @@ class CheckpointManager:
 
     def mark_done(self, phases: list[int]) -> None:
         write_json_atomic(self.run_dir / DONE_MARKER, {"phases": sorted(set(self.finished_phases()) | set(phases))})
+
+
+class RunLock:
+    """One run per run folder: rank 0 holds an exclusive ``fcntl.flock`` on ``{output_dir}/.{experiment}.lock``.
+
+    The lock file sits next to the run folder, not in it, so ``--overwrite`` can delete the folder while holding it.
+    It records the holder (pid, host, start time), which a second run's one-line error names. The kernel drops the
+    lock when the holder exits, however it dies (SIGKILL included), so no stale lock is left; the file stays, harmless.
+    ``flock`` on NFS works across hosts with NFSv4 (Linux >= 2.6.12); on file systems without it the lock only
+    guards against runs on the same host.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir.parent / f".{run_dir.name}.lock"
+        self._file: Any = None
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        """Take the lock on rank 0 (collective: every rank calls it, only rank 0 locks).
+
+        Raises :class:`DistillError` on every rank when another run holds it; release the returned lock (or use it
+        as a context manager) when the run ends.
+        """
+        lock = cls(run_dir)
+        error = None
+        if D.is_main():
+            try:
+                lock.take()
+            except DistillError as e:
+                error = str(e)
+        error = D.broadcast_object(error)
+        if error is not None:
+            lock.release()
+            raise DistillError(error)
+        return lock
+
+    def take(self) -> None:
+        """Lock now (this process only) or raise :class:`DistillError` naming the holder; never waits."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = " ".join(f.read().split()) or "another process"
+            f.close()
+            raise DistillError(f"run folder {self.run_dir} is in use by {holder}; wait for that run to end or use "
+                               "another paths.output_dir") from None
+        since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

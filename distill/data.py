@@ -40,6 +40,7 @@ import numpy as np
 
 from distill.distributed import barrier, broadcast_object, get_info
 from distill.errors import ConfigError, DataError, DistillError
+from distill.manifest import ManifestError, verify_manifest, write_manifest
 
 if TYPE_CHECKING:  # only for annotations; any object with the same attributes works
     from distill.config import Config, DataConfig
@@ -675,6 +676,13 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_dir(folder: Path) -> None:
+    """Delete ``folder``: renamed aside first, so a crash half-way never leaves a partial folder under its name."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.bad-", dir=folder.parent))
+    os.replace(folder, aside / folder.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _load_prepared(folder: Path) -> tuple[TextTable, TextTable, np.ndarray, list[SourceReport]]:
     try:
         queries = datasets.load_from_disk(str(folder / "queries"))
@@ -809,7 +817,9 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
     """Tokenize every row of ``table`` once (truncation to ``max_length``, no padding) and cache it on disk.
 
     The cache folder ``work_dir/tokens-<key>`` is keyed by the tokenizer's ``name_or_path`` and vocabulary size,
-    ``max_length`` and the table's fingerprint. Rank 0 computes it; every rank loads it memory-mapped.
+    ``max_length`` and the table's fingerprint. Rank 0 computes it; every rank loads it memory-mapped. Its
+    ``MANIFEST.json`` (size and sha256 of every file, written last) is verified by rank 0 before each reuse: a folder
+    without one, or with a missing, truncated or changed file, is rebuilt after one warning.
     """
     if max_length < 1:
         raise ConfigError(f"max_length: must be >= 1, got {max_length}")
@@ -836,11 +846,18 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
         np.save(tmp / "lengths.npy", np.asarray(mapped.data.column("length").to_numpy(), dtype=np.int64))
         del mapped
         (tmp / "map.arrow").unlink(missing_ok=True)
+        write_manifest(tmp, {"table": table.fingerprint, "role": table.role, "rows": len(table)})
 
     def prepare() -> Path:
-        if not (folder / "lengths.npy").is_file():
-            _write_atomically(folder, write)
-            logger.info("tokenized %d %s texts (max_length %d) into %s", len(table), table.role, max_length, folder)
+        if folder.is_dir():
+            try:
+                verify_manifest(folder, ("lengths.npy",))
+                return folder
+            except ManifestError as err:
+                logger.warning("tokenized %s texts in %s are unusable (%s): rebuilding them", table.role, folder, err)
+                _remove_dir(folder)
+        _write_atomically(folder, write)
+        logger.info("tokenized %d %s texts (max_length %d) into %s", len(table), table.role, max_length, folder)
         return folder
 
     ready = _main_prepares(prepare)
