@@ -20,7 +20,6 @@ def fsync_dir(path: Path) -> None:
 
 def fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
-        f.flush()
         os.fsync(f.fileno())
 
 

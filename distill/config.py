@@ -21,10 +21,6 @@ import yaml
 
 from distill.errors import ConfigError
 
-# --------------------------------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class ModelConfig:
@@ -59,13 +55,13 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "teacher_dim", "student_dim", "projection_hidden_dim", "teacher_batch_size",
-                  "head_lr_multiplier", "head_init_max_texts")
+                  "head_lr_multiplier", "head_init_max_texts", section="model")
         if self.use_projection and self.head_init == "least_squares" and self.projection_hidden_dim < 2 * self.student_dim:
             raise ConfigError(f"model.head_init: least_squares needs projection_hidden_dim >= 2 * student_dim "
                               f"({2 * self.student_dim}), got {self.projection_hidden_dim}; raise it or set "
                               "model.head_init: random")
         if self.teacher_max_length is not None:
-            _positive(self, "teacher_max_length")
+            _positive(self, "teacher_max_length", section="model")
         if not self.use_projection:
             dims = self.matryoshka_dims
             if not dims:
@@ -103,7 +99,7 @@ class PhaseCommon:
     def validate(self, section: str) -> None:
         _positive(self, "batch_size", "learning_rate", "num_epochs", "max_length", "gradient_accumulation_steps",
                   section=section)
-        _non_negative(self, "warmup_steps", "mse_weight", "weight_decay", "max_grad_norm", section=section)
+        _positive(self, "warmup_steps", "mse_weight", "weight_decay", "max_grad_norm", section=section, allow_zero=True)
         if self.max_steps is not None:
             _positive(self, "max_steps", section=section)
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
@@ -124,7 +120,7 @@ class Phase1Config(PhaseCommon):
 
     def validate(self, section: str = "phase1") -> None:
         super().validate(section)
-        _non_negative(self, "cosine_weight", section=section)
+        _positive(self, "cosine_weight", section=section, allow_zero=True)
         if self.mse_weight + self.cosine_weight <= 0:
             raise ConfigError("phase1: mse_weight + cosine_weight must be > 0 (the loss would be 0)")
         if self.max_samples_per_dataset is not None:
@@ -153,7 +149,7 @@ class Phase2Config(PhaseCommon):
     def validate(self, section: str = "phase2") -> None:
         super().validate(section)
         _positive(self, "temperature", "mini_batch_size", section=section)
-        _non_negative(self, "infonce_weight", "num_negatives", section=section)
+        _positive(self, "infonce_weight", "num_negatives", section=section, allow_zero=True)
         if self.infonce_weight + self.mse_weight <= 0:
             raise ConfigError("phase2: infonce_weight + mse_weight must be > 0 (the loss would be 0)")
         if self.max_samples is not None:
@@ -186,7 +182,7 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.skip_phase1 and self.skip_phase2:
             raise ConfigError("training: skip_phase1 and skip_phase2 are both true, nothing would be trained")
-        _non_negative(self, "save_steps", "seed", section="training")
+        _positive(self, "save_steps", "seed", section="training", allow_zero=True)
         _positive(self, "keep_last", "logging_steps", "max_nonfinite_steps", "dist_timeout_s", section="training")
 
 
@@ -271,7 +267,7 @@ class EvalConfig:
     dims: list[int] | None = None  # MRL dims to report (None: model.matryoshka_dims in MRL mode)
 
     def validate(self) -> None:
-        _non_negative(self, "every_n_steps", section="eval")
+        _positive(self, "every_n_steps", section="eval", allow_zero=True)
         _positive(self, "batch_size", section="eval")
 
 
@@ -291,13 +287,8 @@ class Config:
         if self.model.model_name is not None:
             _check_name(self.model.model_name, "model.model_name")
         _check_name(self.config_name, "the config file's name (the experiment is {model_name}-{config name})")
-        self.model.validate()
-        self.phase1.validate()
-        self.phase2.validate()
-        self.training.validate()
-        self.data.validate()
-        self.cache.validate()
-        self.eval.validate()
+        for section in (self.model, self.phase1, self.phase2, self.training, self.data, self.cache, self.eval):
+            section.validate()
 
     # ---- derived names and paths ----
     @property
@@ -352,14 +343,8 @@ def _check_name(name: str, what: str) -> None:
 
 def student_family(student: str) -> str:
     """``sentence-transformers/all-mpnet-base-v2`` -> ``mpnet``; ``models/all-MiniLM-L6-v2`` -> ``minilm``."""
-    base = Path(student.rstrip("/")).name.lower()
-    base = re.sub(r"^all-", "", base)
+    base = Path(student.rstrip("/")).name.lower().removeprefix("all-")
     return re.split(r"[-_]", base)[0] or base
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -370,18 +355,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            text = path.read_text(encoding="utf-8")
-            raw = yaml.safe_load(text)
+            raw = yaml.safe_load(text := path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}{_yaml_error_where(text, e)}: invalid YAML ({_yaml_problem(e)})") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
+        if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
-        lines = _key_lines(text)
-        cfg = _build(Config, raw, prefix="", origin=str(path), lines=lines)
+        cfg = _build(Config, raw or {}, prefix="", origin=str(path), lines=_key_lines(text))
         cfg.config_name = path.stem
     for item in overrides:
         cfg = _apply_override(cfg, item)
@@ -411,16 +392,14 @@ def _apply_override(cfg: Config, item: str) -> Config:
     if "=" not in item:
         raise ConfigError(f"--set {item}: expected section.key=value")
     dotted, value_text = item.split("=", 1)
-    keys = dotted.strip().split(".")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
     nested: Any = value
-    for k in reversed(keys):
+    for k in reversed(dotted.strip().split(".")):
         nested = {k: nested}
-    merged = _merge(cfg.to_dict(), nested)
-    new = _build(Config, merged, prefix="", origin=f"--set {item}", lines={})
+    new = _build(Config, _merge(cfg.to_dict(), nested), prefix="", origin=f"--set {item}", lines={})
     new.config_name = cfg.config_name
     return new
 
@@ -518,24 +497,18 @@ def _coerce(tp: Any, value: Any, dotted: str, origin: str, lines: dict, key_path
             raise ConfigError(f"{where}: {dotted} must be true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
             raise ConfigError(f"{where}: {dotted} must be an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {dotted} must be a number, got {value!r}")
         number = None
-        if isinstance(value, (int, float)):
-            try:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # str: PyYAML reads "1e-5" (no dot) as a string (YAML 1.1); accept numeric text
                 number = float(value)
-            except OverflowError:
+            except OverflowError:  # an int beyond float's range
                 raise ConfigError(f"{where}: {dotted} is too large for a number") from None
-        elif isinstance(value, str):
-            # PyYAML reads "1e-5" (no dot) as a string: accept numeric text rather than fail on YAML 1.1's rule.
-            try:
-                number = float(value)
             except ValueError:
                 pass
         if number is None:
@@ -550,24 +523,12 @@ def _coerce(tp: Any, value: Any, dotted: str, origin: str, lines: dict, key_path
     raise TypeError(f"unsupported config annotation {tp!r} for {dotted}")  # a bug in this module, not user input
 
 
-def _positive(obj: Any, *names: str, section: str | None = None) -> None:
-    sec = section or _section_of(obj)
+def _positive(obj: Any, *names: str, section: str, allow_zero: bool = False) -> None:
+    """Each ``section.name`` must be > 0 (>= 0 with ``allow_zero``); None fails too."""
     for name in names:
         value = getattr(obj, name)
-        if value is None or value <= 0:
-            raise ConfigError(f"{sec}.{name} must be > 0, got {value}")
-
-
-def _non_negative(obj: Any, *names: str, section: str | None = None) -> None:
-    sec = section or _section_of(obj)
-    for name in names:
-        value = getattr(obj, name)
-        if value is None or value < 0:
-            raise ConfigError(f"{sec}.{name} must be >= 0, got {value}")
-
-
-def _section_of(obj: Any) -> str:
-    return {ModelConfig: "model", TrainingConfig: "training", PathsConfig: "paths"}.get(type(obj), type(obj).__name__)
+        if value is None or value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{section}.{name} must be {'>=' if allow_zero else '>'} 0, got {value}")
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,9 +1,7 @@
 """Process-group setup and the few collectives the trainer needs.
 
-Everything here works in a plain single process too (no ``torchrun``): then rank is 0, world size 1,
-and every collective is the identity. Under ``torchrun`` the usual environment variables
-(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) select the process group;
-multi-node rendezvous is torchrun's job, not ours.
+In a plain process (no ``torchrun``) rank is 0 of 1 and every collective is the identity; under ``torchrun`` its
+environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) select the group.
 """
 
 from __future__ import annotations
@@ -34,11 +32,6 @@ class DistInfo:
 _INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def env_world_size() -> int:
-    """World size announced by torchrun (1 when launched as a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun prepared, pick the device, and return this rank's :class:`DistInfo`.
 
@@ -48,7 +41,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     makes the others exit instead of hanging.
     """
     global _INFO
-    world_size = env_world_size()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -57,14 +50,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = backend or default_backend(device)
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(
-            backend=backend,
-            timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
-            **_restart_safe_store(rank, world_size, timeout),
-        )
+        dist.init_process_group(backend=backend or default_backend(device), timeout=timeout,
+                                device_id=device if device.type == "cuda" else None,
+                                **_restart_safe_store(rank, world_size, timeout))
     _INFO = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     return _INFO
 
@@ -77,11 +66,9 @@ def default_backend(device: torch.device) -> str:
 def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict[str, Any]:
     """After a torchrun restart, a store namespace of this attempt's own.
 
-    torchrun's agent keeps one TCPStore for the whole job, and with the static rendezvous every worker generation
-    writes its process-group bootstrap keys under the same names; workers restarted by ``--max-restarts`` then read
-    the dead generation's addresses and hang in ``init_process_group`` (seen with torch 2.13 + gloo). Prefixing the
-    keys with the agent's restart count (the same for every worker it starts) keeps generations apart. The first
-    attempt keeps torch's default path.
+    torchrun's agent keeps one TCPStore for the whole job and every worker generation writes its bootstrap keys under
+    the same names, so workers restarted by ``--max-restarts`` would read the dead generation's addresses and hang in
+    ``init_process_group``. Prefixing the keys with the agent's restart count keeps generations apart.
     """
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
@@ -118,13 +105,6 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    out = value.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object from ``src`` to every rank and return it everywhere."""
     if not is_distributed():
@@ -146,9 +126,8 @@ def all_gather_object(obj: Any) -> list[Any]:
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward hands each rank the *sum over ranks* of the gradient of its slice.
 
-    Every rank's loss uses every rank's rows, so the gradient of a local row is the sum of the gradients
-    that all ranks' losses send to it; an all-reduce of the full gradient followed by taking the local
-    slice computes exactly that (and, unlike reduce-scatter, is supported by gloo).
+    Every rank's loss uses every rank's rows, so a local row's gradient sums what all ranks' losses send it: an
+    all-reduce of the full gradient, then the local slice (unlike reduce-scatter, gloo supports it).
     """
 
     @staticmethod

@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 Role = Literal["query", "document"]
 _POOLING_FROM_ST = {"lasttoken": "last_token", "mean": "mean", "cls": "cls"}
-_POOLING_TO_ST = {v: k for k, v in _POOLING_FROM_ST.items()}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -53,14 +51,10 @@ class TeacherSpec:
 
     def fingerprint(self, role: Role) -> str:
         """Hex key of everything that changes the vectors of ``role`` texts (the teacher cache's namespace)."""
-        fields = asdict(self)
-        fields.pop("query_prompt")
-        fields.pop("document_prompt")
-        fields.pop("backend")
-        fields.pop("trust_remote_code")
+        skip = {"query_prompt", "document_prompt", "backend", "trust_remote_code"}
+        fields = {k: v for k, v in asdict(self).items() if k not in skip}
         fields["role_prompt"] = self.prompt(role)
-        blob = json.dumps(fields, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:24]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _read_model_file(name: str, filename: str, revision: str | None) -> dict[str, Any] | None:
@@ -99,18 +93,9 @@ def _weights_id(name: str, revision: str | None) -> str:
 
 
 def resolve_teacher_spec(
-    name: str,
-    *,
-    revision: str | None = None,
-    pooling: str = "auto",
-    normalize: bool | None = None,
-    query_prompt: str | None = None,
-    document_prompt: str | None = None,
-    max_length: int = 512,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    device: torch.device | None = None,
-    cpu_tuning: bool = False,
+    name: str, *, revision: str | None = None, pooling: str = "auto", normalize: bool | None = None,
+    query_prompt: str | None = None, document_prompt: str | None = None, max_length: int = 512, dtype: str = "auto",
+    trust_remote_code: bool = False, device: torch.device | None = None, cpu_tuning: bool = False,
 ) -> TeacherSpec:
     """Read how the teacher embeds (pooling, normalisation, prompts) from its sentence-transformers files.
 
@@ -121,14 +106,10 @@ def resolve_teacher_spec(
     modules = _read_model_file(name, "modules.json", revision)
     if modules is not None:
         backend = "sentence-transformers"
-        st_pool, st_norm = None, False
+        st_pool = None
         for m in modules:
-            mtype = m.get("type", "")
-            if mtype.endswith("Pooling"):
-                pcfg = _read_model_file(name, f"{m['path']}/config.json", revision) or {}
-                st_pool = _st_pooling_mode(pcfg)
-            if mtype.endswith("Normalize"):
-                st_norm = True
+            if m.get("type", "").endswith("Pooling"):
+                st_pool = _st_pooling_mode(_read_model_file(name, f"{m['path']}/config.json", revision) or {})
         if st_pool is None:
             raise ConfigError(f"model.teacher: {name} has a modules.json without a supported Pooling module")
         if pooling not in ("auto", st_pool):
@@ -137,12 +118,12 @@ def resolve_teacher_spec(
                 f"({st_pool}); set it to auto or {st_pool}"
             )
         pooling = st_pool
-        st_cfg = _read_model_file(name, "config_sentence_transformers.json", revision) or {}
-        prompts = st_cfg.get("prompts") or {}
+        prompts = (_read_model_file(name, "config_sentence_transformers.json", revision) or {}).get("prompts") or {}
         query_prompt = query_prompt if query_prompt is not None else (prompts.get("query") or "")
         if document_prompt is None:
             document_prompt = next((prompts[k] for k in ("document", "passage", "corpus") if prompts.get(k)), "")
-        normalize = st_norm if normalize is None else normalize
+        if normalize is None:
+            normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     else:
         backend = "transformers"
         if pooling == "auto":
@@ -179,16 +160,10 @@ def teacher_spec_from_config(model_cfg: Any, max_length: int, device: torch.devi
                              cpu_tuning: bool = False) -> TeacherSpec:
     """:func:`resolve_teacher_spec` with the ``model`` section of the config (and ``training.cpu_tuning``)."""
     return resolve_teacher_spec(
-        model_cfg.teacher,
-        revision=model_cfg.teacher_revision,
-        pooling=model_cfg.teacher_pooling,
-        normalize=model_cfg.teacher_normalize,
-        query_prompt=model_cfg.teacher_query_prompt,
-        document_prompt=model_cfg.teacher_document_prompt,
-        max_length=model_cfg.teacher_max_length or max_length,
-        dtype=model_cfg.teacher_dtype,
-        trust_remote_code=model_cfg.trust_remote_code,
-        device=device,
+        model_cfg.teacher, revision=model_cfg.teacher_revision, pooling=model_cfg.teacher_pooling,
+        normalize=model_cfg.teacher_normalize, query_prompt=model_cfg.teacher_query_prompt,
+        document_prompt=model_cfg.teacher_document_prompt, max_length=model_cfg.teacher_max_length or max_length,
+        dtype=model_cfg.teacher_dtype, trust_remote_code=model_cfg.trust_remote_code, device=device,
         cpu_tuning=cpu_tuning,
     )
 
@@ -220,8 +195,7 @@ class TeacherEncoder:
         self.spec = spec
         self.device = torch.device(device)
         self.texts_encoded = 0
-        dtype = _DTYPES[spec.dtype]
-        model_kwargs: dict[str, Any] = {"dtype": dtype, **_attn_kwargs(attn_implementation)}
+        model_kwargs: dict[str, Any] = {"dtype": getattr(torch, spec.dtype), **_attn_kwargs(attn_implementation)}
         if spec.backend == "sentence-transformers":
             from sentence_transformers import SentenceTransformer
 
@@ -309,14 +283,12 @@ def build_projection_head(student_dim: int, hidden_dim: int, teacher_dim: int, s
     """
     from sentence_transformers.sentence_transformer.modules import Dense
 
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the head starts identical on every rank and in every run of this seed
-    head = nn.Sequential(
-        Dense(student_dim, hidden_dim, activation_function=nn.GELU()),
-        Dense(hidden_dim, teacher_dim, activation_function=nn.Identity()),
-    )
-    torch.random.set_rng_state(gen_state)
-    return head
+    with torch.random.fork_rng(devices=[]):  # the CPU generator is restored afterwards
+        torch.manual_seed(seed)  # the head starts identical on every rank and in every run of this seed
+        return nn.Sequential(
+            Dense(student_dim, hidden_dim, activation_function=nn.GELU()),
+            Dense(hidden_dim, teacher_dim, activation_function=nn.Identity()),
+        )
 
 
 def ridge_map(xtx: torch.Tensor, xty: torch.Tensor, x_sum: torch.Tensor, y_sum: torch.Tensor, n: int,
@@ -332,10 +304,9 @@ def ridge_map(xtx: torch.Tensor, xty: torch.Tensor, x_sum: torch.Tensor, y_sum: 
     g = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     g[:d, :d], g[:d, d], g[d, :d], g[d, d] = xtx.double(), x_sum.double(), x_sum.double(), float(n)
     b = torch.cat([xty.double(), y_sum.double()[None]], dim=0)
-    penalty = torch.ones(d + 1, dtype=torch.float64)
-    penalty[d] = 0.0
-    lam = ridge * float(torch.trace(xtx.double())) / d
-    w = torch.linalg.solve(g + lam * torch.diag(penalty), b)
+    penalty = torch.eye(d + 1, dtype=torch.float64)
+    penalty[d, d] = 0.0
+    w = torch.linalg.solve(g + ridge * float(torch.trace(xtx.double())) / d * penalty, b)
     return w[:d].float(), w[d].float()
 
 
@@ -396,13 +367,9 @@ def backbone(student: Any) -> nn.Module | None:
     return getattr(student[0], "model", None)
 
 
-def student_output_dim(student: Any) -> int:
-    return int(student.get_embedding_dimension())
-
-
 def check_dims(cfg_model: Any, student: Any, teacher_dim: int | None) -> None:
     """``model.student_dim`` / ``teacher_dim`` must be what the models really output."""
-    real = student_output_dim(student)
+    real = int(student.get_embedding_dimension())
     if real != cfg_model.student_dim:
         raise ConfigError(f"model.student_dim is {cfg_model.student_dim} but {cfg_model.student} outputs {real}-d embeddings")
     if teacher_dim is not None and teacher_dim != cfg_model.teacher_dim:

@@ -29,15 +29,8 @@ from distill.errors import DataError
 class LengthGroupedBatchSampler:
     """Batches of example indices for one rank; see the module docstring for the algorithm."""
 
-    def __init__(
-        self,
-        lengths: np.ndarray,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        pool_batches: int = 64,
-    ) -> None:
+    def __init__(self, lengths: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int,
+                 pool_batches: int = 64) -> None:
         if batch_size < 1 or world_size < 1 or pool_batches < 1:
             raise ValueError(
                 f"batch_size, world_size and pool_batches must be >= 1, got {batch_size}, {world_size}, {pool_batches}"
@@ -45,15 +38,11 @@ class LengthGroupedBatchSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.pool_batches = pool_batches
-        global_batch = batch_size * world_size
-        if len(self.lengths) < global_batch:
+        if len(self.lengths) < self.global_batch_size:
             raise DataError(
-                f"only {len(self.lengths)} training examples, but one global batch needs {global_batch} "
+                f"only {len(self.lengths)} training examples, but one global batch needs {self.global_batch_size} "
                 f"(batch_size {batch_size} x {world_size} ranks)"
             )
 
@@ -78,8 +67,7 @@ class LengthGroupedBatchSampler:
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             global_batches.append(chunk.reshape(-1, g))
         stacked = np.concatenate(global_batches)[rng.permutation(num_global)]
-        mine = stacked[:, self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return mine.tolist()
+        return stacked[:, self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
 
 def phase1_lengths(examples: np.ndarray, query_lengths: np.ndarray, document_lengths: np.ndarray) -> np.ndarray:

@@ -1,10 +1,9 @@
 """Teacher targets: the teacher embeddings each training phase (and the eval set) distills from, via the cache.
 
-The 7B teacher is the expensive part of distillation, so it runs once per unique (text, role) pair: before each
-phase every text the phase needs is looked up in :class:`~distill.teacher_cache.TeacherCache`, the missing ones are
-embedded (sharded over all ranks) and stored, and training reads the stored vectors. The teacher is loaded only if
-something is missing, and freed before the student trains. :func:`precompute` fills (or counts) the cache for a
-whole config ahead of training; its command line is ``python -m distill cache`` (:mod:`distill.cli`).
+The 7B teacher runs once per unique (text, role) pair: before each phase the texts missing from
+:class:`~distill.teacher_cache.TeacherCache` are embedded (sharded over all ranks) and stored, and training reads
+the stored vectors; the teacher is loaded only if something is missing, and freed before the student trains.
+:func:`precompute` fills (or counts) the cache for a whole config ahead of training (``python -m distill cache``).
 """
 
 from __future__ import annotations
@@ -86,11 +85,8 @@ def build_teacher_targets(cfg: Config, phase_max_length: int, queries, documents
     if not cfg.cache.enabled:
         teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
         bs = cfg.model.teacher_batch_size
-
-        def inline(table, role):
-            return lambda rows: teacher.encode(table.take(rows), role, bs)
-
-        return TeacherTargets(inline(queries, "query"), inline(documents, "document"), teacher.dim, 0)
+        return TeacherTargets(lambda rows: teacher.encode(queries.take(rows), "query", bs),
+                              lambda rows: teacher.encode(documents.take(rows), "document", bs), teacher.dim, 0)
     cache = open_cache(cfg)
     forwards = fill_roles(cfg, cache, spec, {"query": queries, "document": documents}, device)
     q = cache.lookup(spec.fingerprint("query"), queries)
@@ -103,18 +99,20 @@ def eval_teacher_embeddings(cfg: Config, beir: Any, device: torch.device):
     from distill.evaluate import Embeddings
 
     spec = teacher_spec_from_config(cfg.model, cfg.phase2.max_length, device, cpu_tuning=cfg.training.cpu_tuning)
-    qids, dids = list(beir.queries), list(beir.corpus)
-    texts = {"query": [beir.queries[i] for i in qids], "document": [beir.corpus[i] for i in dids]}
+    texts = _beir_texts(beir)
     if cfg.cache.enabled:
         cache = open_cache(cfg)
         fill_roles(cfg, cache, spec, texts, device)
-        q = cache.lookup(spec.fingerprint("query"), texts["query"])[np.arange(len(qids))]
-        d = cache.lookup(spec.fingerprint("document"), texts["document"])[np.arange(len(dids))]
+        q, d = (cache.lookup(spec.fingerprint(role), t)[np.arange(len(t))] for role, t in texts.items())
     else:
         teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
-        q = teacher.encode(texts["query"], "query", cfg.model.teacher_batch_size)
-        d = teacher.encode(texts["document"], "document", cfg.model.teacher_batch_size)
-    return Embeddings(qids, dids, q, d)
+        q, d = (teacher.encode(t, role, cfg.model.teacher_batch_size) for role, t in texts.items())
+    return Embeddings(list(beir.queries), list(beir.corpus), q, d)
+
+
+def _beir_texts(beir: Any) -> dict[str, list[str]]:
+    """{role: texts} of a BEIR set, queries and corpus in their ids' order."""
+    return {"query": list(beir.queries.values()), "document": list(beir.corpus.values())}
 
 
 def _phase_tables(cfg: Config) -> dict[str, tuple[int, dict[str, Sequence[str]]]]:
@@ -126,9 +124,7 @@ def _phase_tables(cfg: Config) -> dict[str, tuple[int, dict[str, Sequence[str]]]
     if cfg.eval.data:
         from distill.evaluate import read_beir
 
-        beir = read_beir(cfg.eval.data, cfg.eval.split)
-        out["eval"] = (cfg.phase2.max_length, {"query": list(beir.queries.values()),
-                                               "document": list(beir.corpus.values())})
+        out["eval"] = (cfg.phase2.max_length, _beir_texts(read_beir(cfg.eval.data, cfg.eval.split)))
     return out
 
 
@@ -140,12 +136,11 @@ def precompute(cfg: Config, dry_run: bool = False) -> dict[str, dict[str, Any]]:
     for phase, (max_len, tables) in _phase_tables(cfg).items():
         spec = teacher_spec_from_config(cfg.model, max_len, info.device, cpu_tuning=cfg.training.cpu_tuning)
         if dry_run:
-            row = {}
+            report[phase] = {}
             for role, texts in tables.items():
                 missing = cache.count_missing(spec.fingerprint(role), texts)
-                unique = len(set(texts[i] for i in range(len(texts))))
-                row[role] = {"texts": unique, "missing": missing, "cached": unique - missing}
-            report[phase] = row
+                unique = len(set(texts[:]))
+                report[phase][role] = {"texts": unique, "missing": missing, "cached": unique - missing}
         else:
             report[phase] = {"teacher_forward_passes": fill_roles(cfg, cache, spec, tables, info.device)}
     return report
