@@ -157,6 +157,8 @@ class Trainer:
         if resume is not None:
             log.info("resuming from %s (phase %d, step %d)", resume.path, resume.state.phase, resume.state.step)
             self.model.load_state_dict(resume.model_state)
+            if resume.state.phase_done:  # the next phase starts where the uninterrupted run would: same RNG streams
+                self._restore_rng(resume)
             if resume.state.phase == 1 and resume.state.phase_done:
                 log.info("phase 2 starts from the phase-1 weights in %s", resume.path)
         elif self.cfg.phases == [2]:
@@ -425,12 +427,15 @@ class Trainer:
         scheduler.load_state_dict(ckpt.scheduler_state)
         if scaler.is_enabled() and ckpt.scaler_state is not None:
             scaler.load_state_dict(ckpt.scaler_state)
+        self._restore_rng(ckpt)
+        return ckpt.state
+
+    def _restore_rng(self, ckpt: LoadedCheckpoint) -> None:
         if len(ckpt.rng_states) == self.info.world_size:
             restore_rng(ckpt.rng_states[self.info.rank])
         else:
             log.warning("checkpoint has RNG states of %d ranks, this run has %d: dropout streams restart",
                         len(ckpt.rng_states), self.info.world_size)
-        return ckpt.state
 
     def _save(self, run: PhaseRun) -> None:
         self.checkpoints.save(f"{run.name}-step{run.state.step:08d}", model=self.model, optimizer=run.optimizer,
