@@ -10,10 +10,11 @@ log, checkpoint, evaluate. Losses and models know nothing of this loop; nothing 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import random
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -29,9 +30,9 @@ from tqdm.auto import tqdm
 
 from distill import distributed as D
 from distill import hardware
-from distill.atomic import write_json_atomic
+from distill.atomic import replace_dir, write_json_atomic
 from distill.batches import Phase1Task, Phase2Task, PhaseTask
-from distill.checkpoint import CheckpointManager, LoadedCheckpoint, TrainState, restore_rng
+from distill.checkpoint import RESUME_TOLERANT, CheckpointManager, LoadedCheckpoint, TrainState, restore_rng
 from distill.config import Config, dump_config
 from distill.errors import ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
@@ -77,11 +78,12 @@ class PhaseRun:
 class Trainer:
     """Holds the models, the run folder and the logger across phases."""
 
-    def __init__(self, cfg: Config, info: D.DistInfo, *, allow_config_change: bool = False):
+    def __init__(self, cfg: Config, info: D.DistInfo, *, allow_config_change: bool = False,
+                 run_dir: Path | None = None):
         self.cfg = cfg
         self.info = info
         self.device = info.device
-        self.run_dir = cfg.run_dir
+        self.run_dir = run_dir or cfg.run_dir  # --overwrite trains beside the finished run, swapped in at the end
         self.checkpoints = CheckpointManager(self.run_dir, cfg.training.keep_last)
         self.allow_config_change = allow_config_change
         self.metrics = None
@@ -487,7 +489,8 @@ class Trainer:
             model = self.export_model()
             save_model_atomic(model, final, extra_files={"distill_config.yaml": dump_config(self.cfg)})
             summary = {"experiment": self.cfg.experiment, "teacher_forward_passes": self.teacher_forwards,
-                       "padding_efficiency": self.padding, "world_size": self.info.world_size}
+                       "padding_efficiency": self.padding, "world_size": self.info.world_size,
+                       "provenance": provenance(self.cfg)}
             write_json_atomic(final / "distill_summary.json", summary)
             if self.metrics is not None:
                 self.metrics.close()
@@ -498,13 +501,16 @@ class Trainer:
             write_report(final, self.eval_results, metrics_path, self.cfg.to_dict(), summary)
             if metrics_path.exists():
                 (final / "metrics.jsonl").write_bytes(metrics_path.read_bytes())
+            self.checkpoints.mark_done(self.cfg.phases)
+            if self.run_dir != self.cfg.run_dir:  # --overwrite: the new run replaces the old one in one rename
+                replace_dir(self.run_dir, self.cfg.run_dir)
+            final = self.cfg.run_dir / "final"
             if self.cfg.training.save_to_artifacts:
                 copy_tree_atomic(final, self.cfg.artifact_dir)
                 log.info("saved the model to %s", self.cfg.artifact_dir)
-            self.checkpoints.mark_done(self.cfg.phases)
             log.info("final model: %s", final)
         D.barrier()
-        return self.cfg.artifact_dir if self.cfg.training.save_to_artifacts else final
+        return self.cfg.artifact_dir if self.cfg.training.save_to_artifacts else self.cfg.run_dir / "final"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -572,6 +578,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         group.update(impl)
 
 
+def provenance(cfg: Config) -> dict[str, str]:
+    """What made a model: the hash of its config (without the keys that do not change the result) and its run."""
+    settings = {section: {k: v for k, v in values.items() if (section, k) not in RESUME_TOLERANT}
+                for section, values in cfg.to_dict().items()}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return {"config_sha256": digest, "run_dir": str(cfg.run_dir.resolve())}
+
+
+def check_artifact(cfg: Config) -> None:
+    """Refuse to replace a published artifact that another config or run made (``--overwrite`` does)."""
+    summary = cfg.artifact_dir / "distill_summary.json"
+    if not cfg.artifact_dir.exists():
+        return
+    try:
+        theirs = json.loads(summary.read_text(encoding="utf-8")).get("provenance")
+    except (OSError, ValueError):
+        theirs = None
+    if theirs != provenance(cfg):
+        made_by = f"run {theirs['run_dir']}" if isinstance(theirs, dict) and "run_dir" in theirs else "an unknown run"
+        raise DistillError(f"{cfg.artifact_dir} holds a model made by {made_by} with another config; pass "
+                           "--overwrite to replace it, or set model.model_name or paths.artifacts_dir")
+
+
 def seed_everything(seed: int, rank: int) -> None:
     """A different, reproducible stream per rank (dropout differs across ranks, as it should)."""
     s = seed + rank
@@ -589,7 +618,9 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     preflight(cfg.data, cfg.phases, cfg.phase2.num_negatives)  # before any process group: bad files fail in seconds
     if set(cfg.phases) <= set(CheckpointManager(cfg.run_dir, 1).finished_phases()) and not overwrite:
         raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
-                           "train it again (its checkpoints and final model will be replaced)")
+                           "train it again (its checkpoints and final model are replaced when the new run ends)")
+    if cfg.training.save_to_artifacts and not overwrite:
+        check_artifact(cfg)
     info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
@@ -604,11 +635,11 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     if t.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     seed_everything(t.seed, info.rank)
-    trainer = Trainer(cfg, info, allow_config_change=allow_config_change)
+    # --overwrite keeps the old run until the new one has finished: it trains in a sibling folder (resumed by the
+    # same command after a crash) that replaces the old run at the end
+    staging = cfg.run_dir.with_name(f".{cfg.experiment}.overwrite") if overwrite and cfg.run_dir.exists() else None
+    trainer = Trainer(cfg, info, allow_config_change=allow_config_change, run_dir=staging)
     trainer.load_data()
-    if overwrite and info.is_main and cfg.run_dir.exists():
-        shutil.rmtree(cfg.run_dir)
-    D.barrier()
     trainer.setup()
     try:
         return trainer.run()

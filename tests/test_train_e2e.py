@@ -263,3 +263,33 @@ def test_find_phase1_picks_the_only_result_or_asks(tmp_path) -> None:
     assert manager.find_phase1(out, "m", str(out / "m-default")) == first
     with pytest.raises(CheckpointError, match="training.phase1_from: 'nope'"):
         manager.find_phase1(out, "m", "nope")
+
+
+def test_overwrite_replaces_at_the_end_and_artifacts_know_their_run(tmp_path, tiny_teacher_dir, tiny_student_dir,
+                                                                    data_files):
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
+    quick = ["--set", "training.skip_phase2=true", "--set", "phase1.num_epochs=1", "--set", "eval.data=null",
+             "--set", "training.save_to_artifacts=true"]
+    res = train_single(cfg, *quick)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir, artifact = tmp_path / "out" / "distilled-model-48d-tiny", tmp_path / "artifacts" / "distilled-model-48d-tiny"
+    made = json.loads((artifact / "distill_summary.json").read_text())["provenance"]
+    assert made["run_dir"] == str(run_dir.resolve()) and len(made["config_sha256"]) == 64
+    # The same config with another output_dir would replace the published artifact: refused before any work.
+    res = train_single(cfg, *quick, "--set", f"paths.output_dir={tmp_path / 'other'}")
+    assert res.returncode == 2 and f"{artifact} holds a model made by run {run_dir.resolve()}" in res.stderr
+    assert not (tmp_path / "other").exists()
+    # --overwrite that fails (a wrong teacher_dim, found after the models load) leaves the finished run intact.
+    before = (run_dir / "final" / "model.safetensors").read_bytes()
+    res = train_single(cfg, *quick, "--overwrite", "--set", "model.teacher_dim=50")
+    assert res.returncode == 2 and "model.teacher_dim is 50" in res.stderr
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == before
+    assert json.loads((run_dir / "DONE").read_text()) == {"phases": [1]}
+    # --overwrite that succeeds swaps the new run in at the end; no staging folder is left.
+    res = train_single(cfg, *quick, "--overwrite", "--set", "phase1.learning_rate=2.0e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run_dir / "final" / "model.safetensors").read_bytes() != before
+    assert not (tmp_path / "out" / ".distilled-model-48d-tiny.overwrite").exists()
+    assert "learning_rate: 0.002" in (run_dir / "config.yaml").read_text()
+    assert json.loads((artifact / "distill_summary.json").read_text())["provenance"]["config_sha256"] != \
+        made["config_sha256"]
