@@ -1,9 +1,12 @@
-"""Kill, elastic restart, preemption and bad numerics, with real `torchrun --nproc_per_node=2` processes on CPU."""
+"""Kill, elastic restart, preemption, corrupt checkpoints and caches, concurrent runs and bad numerics, with real
+`torchrun --nproc_per_node=2` processes on CPU."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +124,7 @@ def test_sigkill_of_one_rank_then_elastic_restart_gives_the_same_model(tmp_path,
     run_dir = tmp_path / "out" / EXPERIMENT
     proc = _popen(cfg, "--max-restarts=1")
     try:
-        _wait_for(run_dir / "checkpoints" / "phase2-step00000004" / "COMPLETE", proc)
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000004" / "MANIFEST.json", proc)
         victim = _worker_pid(proc.pid, rank=1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
@@ -145,7 +148,7 @@ def test_sigkill_without_restarts_stops_every_rank_quickly(tmp_path, tiny_teache
     run_dir = tmp_path / "out" / EXPERIMENT
     proc = _popen(cfg)
     try:
-        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "COMPLETE", proc)
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "MANIFEST.json", proc)
         os.kill(_worker_pid(proc.pid, rank=1), signal.SIGKILL)
         killed_at = time.time()
         proc.communicate(timeout=120)
@@ -166,7 +169,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_teacher_dir
     run_dir = tmp_path / "out" / EXPERIMENT
     proc = _popen(cfg)
     try:
-        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "COMPLETE", proc)
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "MANIFEST.json", proc)
         for rank in (0, 1):  # what SLURM's --signal does: every task of the step gets SIGTERM
             os.kill(_worker_pid(proc.pid, rank), signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -185,8 +188,6 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     from distill.checkpoint import COMPLETE, load_latest
 
     ckpts = tmp_path / "ckpts"
-    import shutil
-
     shutil.copytree(uninterrupted / "checkpoints", ckpts)
     names = sorted(p.name for p in ckpts.iterdir())
     assert len(names) == 2  # keep_last
@@ -198,12 +199,125 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     assert load_latest(ckpts) is None
 
 
+def _flip_byte(path: Path, at: float = 0.5) -> None:
+    """XOR one bit of the byte at fraction ``at`` of ``path`` (a silent disk or copy error)."""
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json",
+                                  "MANIFEST.json", "rng.pt unloadable", "no manifest"])
+def test_corrupt_part_of_newest_checkpoint_falls_back_with_one_warning(tmp_path, uninterrupted, part, caplog):
+    """Checkpoints of the real 2-rank run: one flipped byte in any part (or a part that does not load although its
+    checksum matches, or no manifest) makes load_latest return the previous checkpoint, with one warning line."""
+    from distill.checkpoint import load_latest
+    from distill.manifest import write_manifest
+
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(uninterrupted / "checkpoints", ckpts)
+    older, newest = sorted(ckpts.iterdir())
+    assert load_latest(ckpts).path == newest
+    if part == "rng.pt unloadable":  # the checksum matches (manifest rewritten) but the file is not RNG states
+        torch.save({"not": "rng"}, newest / "rng.pt")
+        write_manifest(newest)
+    elif part == "no manifest":  # incomplete, or written before checkpoints had manifests
+        (newest / "MANIFEST.json").unlink()
+    else:
+        _flip_byte(newest / part)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distill.checkpoint"):
+        loaded = load_latest(ckpts)
+    assert loaded is not None and loaded.path == older
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    named = {"rng.pt unloadable": "rng.pt is unreadable", "no manifest": "no MANIFEST.json"}.get(part, part)
+    assert str(newest) in warnings[0] and named in warnings[0] and "falling back" in warnings[0], warnings
+
+
+def _token_cache_of(cache: Path, phase: str, role: str) -> Path:
+    """The tokenized-data folder of ``phase``'s ``role`` table, found through the manifests."""
+    found = []
+    for folder in (cache / "data").glob("tokens-*"):
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        if manifest["table"].startswith(f"{phase}-") and manifest["role"] == role:
+            found.append(folder)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_rerun_after_corrupt_rng_and_token_cache_falls_back_rebuilds_and_matches(
+        tmp_path, tiny_teacher_dir, tiny_student_dir, files, uninterrupted):
+    """A copy of the real run's output folder, unfinished again (DONE and results removed), with one flipped byte in
+    the newest checkpoint's rng.pt and one in the phase-2 document token ids: the rerun skips that checkpoint with one
+    warning, resumes from the previous one, rebuilds the token cache with one warning, and ends (rc 0) with the
+    uninterrupted run's weights -- no crash, no training on wrong token ids."""
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted.parent, out)
+    run_dir = out / EXPERIMENT
+    for done in ("DONE", "final", "phase2"):
+        shutil.rmtree(run_dir / done) if (run_dir / done).is_dir() else (run_dir / done).unlink()
+    older, newest = sorted((run_dir / "checkpoints").iterdir())
+    _flip_byte(newest / "rng.pt")
+    tokens = _token_cache_of(out / "cache", "phase2", "document")
+    manifest_before = (tokens / "MANIFEST.json").read_text()
+    arrow = next((tokens / "tokens").glob("*.arrow"))
+    _flip_byte(arrow, 0.6)  # inside the input_ids buffer: a changed token id, the file still loads
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *OVERRIDES], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    skipped = [x for x in res.stderr.splitlines() if "skipping checkpoint" in x]
+    assert len(skipped) == 1 and newest.name in skipped[0] and "rng.pt" in skipped[0], skipped
+    assert f"resuming from {older}" in res.stderr
+    rebuilt = [x for x in res.stderr.splitlines() if "are unusable" in x]
+    assert len(rebuilt) == 1 and tokens.name in rebuilt[0] and arrow.name in rebuilt[0], rebuilt
+    files_before = json.loads(manifest_before)["files"]
+    assert json.loads((tokens / "MANIFEST.json").read_text())["files"] == files_before  # rebuilt byte for byte
+    _assert_same_weights(run_dir / "phase2" / "model.safetensors", uninterrupted / "phase2" / "model.safetensors")
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_second_run_on_the_same_run_folder_fails_naming_the_holder(tmp_path, tiny_teacher_dir, tiny_student_dir,
+                                                                     files, launcher):
+    """While a run holds the run folder's lock (taken here through the same API), a second run -- even with
+    --overwrite -- fails at once with one error line (per rank) naming the holder, and touches nothing in the folder.
+    Under torchrun rank 0 tries the lock and broadcasts the outcome: every rank stops with the same line, no hang."""
+    from distill.checkpoint import RunLock
+    from distill.errors import DistillError
+
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    run_dir = tmp_path / "out" / EXPERIMENT
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    args = ["--config", str(cfg), *OVERRIDES, "--overwrite"]
+    with RunLock.acquire(run_dir) as lock:
+        assert lock.path == tmp_path / "out" / f".{EXPERIMENT}.lock"
+        if launcher == "python":
+            res = subprocess.run([sys.executable, "train_ddp.py", *args], check=False, cwd=REPO_ROOT, env=_env(),
+                                 capture_output=True, text=True, timeout=300)
+        else:
+            res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=args, timeout=300)
+        assert res.returncode == (2 if launcher == "python" else 1), res.stderr[-3000:]
+        err = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+        assert len(err) == (1 if launcher == "python" else 2) and len(set(err)) == 1, res.stderr[-3000:]
+        assert f"run folder {run_dir} is in use by pid {os.getpid()} on host " in err[0]
+        assert "wait for that run to end or use another paths.output_dir" in err[0]
+        if launcher == "python":
+            assert "Traceback" not in res.stderr
+        assert (run_dir / "metrics.jsonl").read_text() == "{}\n"  # --overwrite deleted nothing
+        assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl"]
+        with pytest.raises(DistillError, match=f"in use by pid {os.getpid()}"):
+            RunLock(run_dir).take()
+    with RunLock.acquire(run_dir):  # released: the next run gets it
+        pass
+
+
 def test_resume_with_changed_config_is_an_error(tmp_path, tiny_teacher_dir, tiny_student_dir, files):
     cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
     run_dir = tmp_path / "out" / EXPERIMENT
     proc = _popen(cfg)
     try:
-        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "COMPLETE", proc)
+        _wait_for(run_dir / "checkpoints" / "phase2-step00000002" / "MANIFEST.json", proc)
         _kill_all(proc)
     finally:
         if proc.poll() is None:
