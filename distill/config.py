@@ -31,9 +31,8 @@ class ModelConfig:
     projection_hidden_dim: int = 1536
     use_projection: bool = True
     head_lr_multiplier: float = 10.0  # the projection head learns at lr x this (projection mode)
-    # How the projection head starts: "least_squares" = the ridge-regression affine map from the frozen student's
-    # embeddings to the teacher's over phase-1 texts (exact in the GELU MLP; needs hidden >= 2 * student_dim),
-    # "random" = PyTorch's default init.
+    # least_squares: the head starts as the ridge-regression affine map from the frozen student's embeddings to the
+    # teacher's over phase-1 texts (exact in the GELU MLP; needs hidden >= 2 * student_dim); random: PyTorch's init
     head_init: Literal["least_squares", "random"] = "least_squares"
     head_init_max_texts: int = 50000  # phase-1 texts (a seeded random subset) the least-squares start is fitted on
     model_name: str | None = None  # None: distilled-{student family}-{output dim}d
@@ -45,8 +44,7 @@ class ModelConfig:
     teacher_query_prompt: str | None = None  # None: the teacher's saved "query" prompt (else none)
     teacher_document_prompt: str | None = None
     teacher_max_length: int | None = None  # None: the phase's max_length
-    # auto: bf16 where the hardware multiplies it natively (bf16 GPUs, AVX512-BF16 / AMX CPUs), else fp16 on GPUs
-    # and fp32 on CPUs
+    # auto: bf16 where the hardware multiplies it natively (bf16 GPUs, AVX512-BF16/AMX CPUs), else fp16 (GPU) / fp32
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     teacher_batch_size: int = 32
     matryoshka_dims: list[int] = field(default_factory=lambda: [768, 512, 256, 128, 64])
@@ -290,7 +288,6 @@ class Config:
         for section in (self.model, self.phase1, self.phase2, self.training, self.data, self.cache, self.eval):
             section.validate()
 
-    # ---- derived names and paths ----
     @property
     def model_name(self) -> str:
         if self.model.model_name:
@@ -323,9 +320,7 @@ class Config:
         return Path(self.paths.artifacts_dir) / self.experiment
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("config_name")
-        return out
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "config_name"}
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "config_name")
@@ -393,10 +388,9 @@ def _apply_override(cfg: Config, item: str) -> Config:
         raise ConfigError(f"--set {item}: expected section.key=value")
     dotted, value_text = item.split("=", 1)
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        nested: Any = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
-        value = value_text
-    nested: Any = value
+        nested = value_text
     for k in reversed(dotted.strip().split(".")):
         nested = {k: nested}
     new = _build(Config, _merge(cfg.to_dict(), nested), prefix="", origin=f"--set {item}", lines={})

@@ -50,8 +50,7 @@ class MatryoshkaSimilarityLoss(nn.Module):
         mse_total = torch.zeros((), device=student.device)
         cos_total = torch.zeros((), device=student.device)
         for m, w in zip(self.dims, self.weights):
-            sub = student[:, :m]
-            sim = cosine_matrix(sub, sub)
+            sim = cosine_matrix(student[:, :m], student[:, :m])
             mse = (sim - target).pow(2).mean()
             cos = 1.0 - F.cosine_similarity(sim, target, dim=-1).mean()
             loss = loss + w * (self.mse_weight * mse + self.cosine_weight * cos)
