@@ -11,6 +11,7 @@ Only rank 0 should own a :class:`MetricsLogger`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -18,11 +19,12 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 from distill.errors import DataError
 
@@ -173,6 +175,8 @@ def _axes(
     **style: Any,
 ) -> Axes | None:
     """Axes with one line per non-empty ``{label: [(x, y)]}`` entry; None when there is none."""
+    from matplotlib.figure import Figure
+
     lines = {name: pts for name, pts in lines.items() if pts}
     if not lines:
         return None
@@ -248,6 +252,9 @@ def plot_metrics(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     """PNG plots from a metrics file: ``loss_{phase}.png`` (total and each term against step), ``lr.png``,
     ``eval_ndcg.png`` (eval history) and ``mrl_quality.png`` (nDCG@10 against dim from the last eval, when it has
     several student dims). Returns the files written."""
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning("matplotlib is not installed: no plots (pip install 'distill[plots]')")
+        return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics(jsonl_path)

