@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -298,10 +299,11 @@ def test_second_run_on_the_same_run_folder_fails_naming_the_holder(tmp_path, tin
         else:
             res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=args, timeout=300)
         assert res.returncode == (2 if launcher == "python" else 1), res.stderr[-3000:]
-        err = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+        # one line per process (the two ranks write to the same pipe, so their lines may run into each other)
+        err = re.findall(r"error: [^\n]*?paths\.output_dir", res.stderr)
         assert len(err) == (1 if launcher == "python" else 2) and len(set(err)) == 1, res.stderr[-3000:]
         assert f"run folder {run_dir} is in use by pid {os.getpid()} on host " in err[0]
-        assert "wait for that run to end or use another paths.output_dir" in err[0]
+        assert err[0].endswith("; wait for that run to end or use another paths.output_dir")
         if launcher == "python":
             assert "Traceback" not in res.stderr
         assert (run_dir / "metrics.jsonl").read_text() == "{}\n"  # --overwrite deleted nothing
