@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+_CPU = torch.device("cpu")
+
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -41,7 +43,7 @@ def cached_backward(
     scale: float = 1.0,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     sync_last: bool = True,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = _CPU,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Backpropagate ``scale * loss_fn(cat(forward(c) for c in chunks))`` into the parameters, chunk by chunk.
 
