@@ -15,10 +15,11 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from distill.config import Config
-from distill.errors import DistillError
+from distill.errors import ConfigError, DataError, DistillError
 
 # Dense bf16 tensor-core peaks (FLOP/s) and memory from the vendors' datasheets.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -123,6 +124,9 @@ def _phase_plan(cfg: Config, phase: int, world: int) -> PhasePlan:
         note = (f"not readable here ({e}); assumed: the caps' row counts, {q_tokens} tokens per query, {d_tokens} per "
                 f"document, longest {longest}" + ("" if phase == 1 else ", 2 unique documents per example"))
     global_batch = pcfg.batch_size * world
+    if examples is not None and note.startswith("read") and examples < global_batch:
+        raise DataError(f"phase{phase}: only {examples} training examples, but one global batch needs {global_batch} "
+                        f"(batch_size {pcfg.batch_size} x {world} ranks)")
     steps = warmup = None
     if examples:
         steps = math.ceil(examples // global_batch / pcfg.gradient_accumulation_steps) * pcfg.num_epochs
@@ -189,6 +193,50 @@ def teacher_memory(cfg: Config) -> float | None:
     return weights + 2.0 * m.teacher_batch_size * length * (8 * shape.hidden + shape.heads * length)
 
 
+def output_dim(name: str) -> int | None:
+    """The embedding size a model outputs, from its files: the last Dense or Pooling module of a sentence-transformers
+    folder, else config.json's hidden_size; None when they cannot be read here."""
+    from distill.models import _read_model_file
+
+    try:
+        modules = _read_model_file(name, "modules.json", None)
+        for module in reversed(modules or []):
+            conf = _read_model_file(name, f"{module['path']}/config.json", None) or {}
+            dim = conf.get("out_features") or conf.get("word_embedding_dimension")
+            if dim:
+                return int(dim)
+        shape = model_shape(name)
+    except DistillError:
+        return None
+    return shape.hidden if shape is not None and shape.source == "config.json" else None
+
+
+def _check_writable(key: str, path: Path) -> None:
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path} cannot be written ({existing} is not a writable folder)")
+
+
+def check_before_cost(cfg: Config) -> None:
+    """Everything knowable without loading a model, checked in seconds: local data (first rows), the models' output
+    dims from their files, the eval folder, and that every output folder can be written. Raises one-line errors."""
+    from distill.data import preflight
+    from distill.evaluate import read_beir
+
+    preflight(cfg.data, cfg.phases, cfg.phase2.num_negatives)
+    for role, dim in (("student", cfg.model.student_dim), ("teacher", cfg.model.teacher_dim)):
+        name = getattr(cfg.model, role)
+        real = output_dim(name)
+        if real is not None and real != dim:
+            raise ConfigError(f"model.{role}_dim is {dim} but {name} outputs {real}-d embeddings")
+    if cfg.eval.data:
+        read_beir(cfg.eval.data, cfg.eval.split)
+    _check_writable("paths.output_dir", Path(cfg.paths.output_dir))
+    _check_writable("paths.cache_dir", cfg.cache_root)
+    if cfg.training.save_to_artifacts:
+        _check_writable("paths.artifacts_dir", Path(cfg.paths.artifacts_dir))
+
+
 def _gb(n: float | None) -> str:
     return "?" if n is None else f"{n / 1e9:.1f} GB"
 
@@ -201,6 +249,7 @@ def print_plan(cfg: Config, nproc: int | None = None, gpu: str = "H100") -> dict
     """Print the plan of ``cfg`` on ``nproc`` GPUs of type ``gpu`` (default: torchrun's WORLD_SIZE, else 1) and
     return it as a dict. Warnings name what the config would do wrong there."""
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    check_before_cost(cfg)
     m = cfg.model
     mode = (f"projection: student {m.student_dim}-d -> head {m.student_dim}->{m.projection_hidden_dim}->"
             f"{m.teacher_dim} (teacher space)") if m.use_projection else \

@@ -100,6 +100,9 @@ class Trainer:
         from distill.data import load_phase_data
 
         self.data = {p: load_phase_data(self.cfg, p) for p in self.cfg.phases}
+        for p, data in self.data.items():  # every phase's size before phase 1 spends anything
+            LengthGroupedBatchSampler(np.zeros(len(data.examples)), self.cfg.phase(p).batch_size, self.info.rank,
+                                      self.info.world_size, seed=0)
 
     def setup(self) -> None:
         m, t = self.cfg.model, self.cfg.training
@@ -611,11 +614,11 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = False) -> Path:
     """Train ``cfg`` (under torchrun or in one process) and return the final model folder."""
-    from distill.data import preflight
+    from distill.plan import check_before_cost
 
     if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce:
         raise ConfigError("phase2.cached_infonce works with training.precision bf16 or fp32, not fp16")
-    preflight(cfg.data, cfg.phases, cfg.phase2.num_negatives)  # before any process group: bad files fail in seconds
+    check_before_cost(cfg)  # before any process group: bad files, dims, folders fail in seconds
     if set(cfg.phases) <= set(CheckpointManager(cfg.run_dir, 1).finished_phases()) and not overwrite:
         raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
                            "train it again (its checkpoints and final model are replaced when the new run ends)")

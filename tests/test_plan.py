@@ -95,3 +95,33 @@ def test_load_phase_data_default_folder_and_bad_phase(tmp_path: Path, monkeypatc
     assert sorted(p.name.split("-")[0] for p in (cfg.cache_root / "data").iterdir()) == ["phase1", "phase2"]
     with pytest.raises(ConfigError, match="phase must be 1 or 2"):
         load_phase_data(cfg, 3)
+
+
+@pytest.mark.parametrize(("overrides", "nproc", "message"), [
+    (["model.student_dim=64", "model.projection_hidden_dim=128"], 1, "model.student_dim is 64 but {student} outputs 32-d"),
+    (["model.teacher_dim=50"], 1, "model.teacher_dim is 50 but {teacher} outputs 48-d"),
+    (["eval.data={tmp}/nope"], 1, "{tmp}/nope: BEIR folder not found"),
+    (["paths.output_dir={tmp}/a_file/out"], 1, "paths.output_dir: {tmp}/a_file/out cannot be written"),
+    (["training.save_to_artifacts=true", "paths.artifacts_dir={tmp}/a_file"], 1, "paths.artifacts_dir: {tmp}/a_file"),
+    ([], 64, "phase1: only 192 training examples, but one global batch needs 512 (batch_size 8 x 64 ranks)"),
+])
+def test_dry_run_refuses_what_training_would_fail_on(tmp_path: Path, tiny_teacher_dir, tiny_student_dir, overrides,
+                                                     nproc, message) -> None:
+    """Everything knowable without loading a model fails the dry run with one line, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    from tiny_data import tiny_config_yaml, write_training_files
+
+    files = write_training_files(tmp_path / "data")
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    (tmp_path / "a_file").write_text("x")
+    sets = [arg for o in overrides for arg in ("--set", o.format(tmp=tmp_path))]
+    res = subprocess.run([sys.executable, "-m", "distill", "plan", "--config", str(cfg), "--nproc", str(nproc), *sets],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
+                         check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if "Traceback" in line or line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), res.stderr  # one line, no traceback
+    assert message.format(tmp=tmp_path, student=tiny_student_dir, teacher=tiny_teacher_dir) in errors[0]
+    assert not (tmp_path / "out").exists()
