@@ -32,7 +32,7 @@ from distill import distributed as D
 from distill import hardware
 from distill.atomic import replace_dir, write_json_atomic
 from distill.batches import Phase1Task, Phase2Task, PhaseTask
-from distill.checkpoint import RESUME_TOLERANT, CheckpointManager, LoadedCheckpoint, TrainState, restore_rng
+from distill.checkpoint import RESUME_TOLERANT, CheckpointManager, LoadedCheckpoint, RunLock, TrainState, restore_rng
 from distill.config import Config, dump_config
 from distill.errors import ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
@@ -619,9 +619,6 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce:
         raise ConfigError("phase2.cached_infonce works with training.precision bf16 or fp32, not fp16")
     check_before_cost(cfg)  # before any process group: bad files, dims, folders fail in seconds
-    if set(cfg.phases) <= set(CheckpointManager(cfg.run_dir, 1).finished_phases()) and not overwrite:
-        raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
-                           "train it again (its checkpoints and final model are replaced when the new run ends)")
     if cfg.training.save_to_artifacts and not overwrite:
         check_artifact(cfg)
     info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
@@ -638,15 +635,20 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     if t.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("training.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     seed_everything(t.seed, info.rank)
-    # --overwrite keeps the old run until the new one has finished: it trains in a sibling folder (resumed by the
-    # same command after a crash) that replaces the old run at the end
-    staging = cfg.run_dir.with_name(f".{cfg.experiment}.overwrite") if overwrite and cfg.run_dir.exists() else None
-    trainer = Trainer(cfg, info, allow_config_change=allow_config_change, run_dir=staging)
-    trainer.load_data()
-    trainer.setup()
+    run_lock, trainer = RunLock.acquire(cfg.run_dir), None  # one run per run folder, before anything in it changes
     try:
+        if set(cfg.phases) <= set(CheckpointManager(cfg.run_dir, 1).finished_phases()) and not overwrite:
+            raise DistillError(f"experiment '{cfg.experiment}' already finished in {cfg.run_dir}; pass --overwrite to "
+                               "train it again (its checkpoints and final model are replaced when the new run ends)")
+        # --overwrite keeps the old run until the new one has finished: it trains in a sibling folder (resumed by the
+        # same command after a crash) that replaces the old run at the end
+        staging = cfg.run_dir.with_name(f".{cfg.experiment}.overwrite") if overwrite and cfg.run_dir.exists() else None
+        trainer = Trainer(cfg, info, allow_config_change=allow_config_change, run_dir=staging)
+        trainer.load_data()
+        trainer.setup()
         return trainer.run()
     finally:
+        run_lock.release()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # outside the loop nobody would act on the flag
-        if trainer.metrics is not None:
+        if trainer is not None and trainer.metrics is not None:
             trainer.metrics.close()
