@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -240,6 +241,29 @@ def truncate_metrics(path: Path, phase: int, step: int) -> None:
     tmp.replace(path)
 
 
+def provenance(cfg: Any) -> dict[str, str]:
+    """What made a model: the hash of its config (without the keys that do not change the result) and its run."""
+    settings = {section: {k: v for k, v in values.items() if (section, k) not in RESUME_TOLERANT}
+                for section, values in cfg.to_dict().items()}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return {"config_sha256": digest, "run_dir": str(cfg.run_dir.resolve())}
+
+
+def check_artifact(cfg: Any) -> None:
+    """Refuse to replace a published artifact that another config or run made (``--overwrite`` does)."""
+    summary = cfg.artifact_dir / "distill_summary.json"
+    if not cfg.artifact_dir.exists():
+        return
+    try:
+        theirs = json.loads(summary.read_text(encoding="utf-8")).get("provenance")
+    except (OSError, ValueError):
+        theirs = None
+    if theirs != provenance(cfg):
+        made_by = f"run {theirs['run_dir']}" if isinstance(theirs, dict) and "run_dir" in theirs else "an unknown run"
+        raise DistillError(f"{cfg.artifact_dir} holds a model made by {made_by} with another config; pass "
+                           "--overwrite to replace it, or set model.model_name or paths.artifacts_dir")
+
+
 class CheckpointManager:
     """A run folder's checkpoints, phase results and DONE marker, and the resume policy over them.
 
@@ -341,13 +365,10 @@ class CheckpointManager:
 
 
 class RunLock:
-    """One run per run folder: rank 0 holds an exclusive ``fcntl.flock`` on ``{output_dir}/.{experiment}.lock``.
-
-    The lock file sits next to the run folder, not in it, so ``--overwrite`` can delete the folder while holding it.
-    It records the holder (pid, host, start time), which a second run's one-line error names. The kernel drops the
-    lock when the holder exits, however it dies (SIGKILL included), so no stale lock is left; the file stays, harmless.
-    ``flock`` on NFS works across hosts with NFSv4 (Linux >= 2.6.12); on file systems without it the lock only
-    guards against runs on the same host.
+    """One run per run folder: rank 0 holds an exclusive ``fcntl.flock`` on ``{output_dir}/.{experiment}.lock``
+    (beside the run folder, which ``--overwrite`` replaces), recording the holder (pid, host, start time) for a second
+    run's one-line error. The kernel drops the lock when the holder dies, SIGKILL included: no stale locks. On NFS it
+    holds across hosts with NFSv4; elsewhere only against runs on the same host.
     """
 
     def __init__(self, run_dir: Path):
@@ -359,8 +380,8 @@ class RunLock:
     def acquire(cls, run_dir: Path) -> RunLock:
         """Take the lock on rank 0 (collective: every rank calls it, only rank 0 locks).
 
-        Raises :class:`DistillError` on every rank when another run holds it; release the returned lock (or use it
-        as a context manager) when the run ends.
+        Raises :class:`DistillError` on every rank when another run holds it; release the returned lock when the run
+        ends.
         """
         lock = cls(run_dir)
         error = None
@@ -399,9 +420,3 @@ class RunLock:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -10,8 +10,6 @@ log, checkpoint, evaluate. Losses and models know nothing of this loop; nothing 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -32,7 +30,15 @@ from distill import distributed as D
 from distill import hardware
 from distill.atomic import replace_dir, write_json_atomic
 from distill.batches import Phase1Task, Phase2Task, PhaseTask
-from distill.checkpoint import RESUME_TOLERANT, CheckpointManager, LoadedCheckpoint, RunLock, TrainState, restore_rng
+from distill.checkpoint import (
+    CheckpointManager,
+    LoadedCheckpoint,
+    RunLock,
+    TrainState,
+    check_artifact,
+    provenance,
+    restore_rng,
+)
 from distill.config import Config, dump_config
 from distill.errors import ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
@@ -579,29 +585,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         group.update(impl)
-
-
-def provenance(cfg: Config) -> dict[str, str]:
-    """What made a model: the hash of its config (without the keys that do not change the result) and its run."""
-    settings = {section: {k: v for k, v in values.items() if (section, k) not in RESUME_TOLERANT}
-                for section, values in cfg.to_dict().items()}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-    return {"config_sha256": digest, "run_dir": str(cfg.run_dir.resolve())}
-
-
-def check_artifact(cfg: Config) -> None:
-    """Refuse to replace a published artifact that another config or run made (``--overwrite`` does)."""
-    summary = cfg.artifact_dir / "distill_summary.json"
-    if not cfg.artifact_dir.exists():
-        return
-    try:
-        theirs = json.loads(summary.read_text(encoding="utf-8")).get("provenance")
-    except (OSError, ValueError):
-        theirs = None
-    if theirs != provenance(cfg):
-        made_by = f"run {theirs['run_dir']}" if isinstance(theirs, dict) and "run_dir" in theirs else "an unknown run"
-        raise DistillError(f"{cfg.artifact_dir} holds a model made by {made_by} with another config; pass "
-                           "--overwrite to replace it, or set model.model_name or paths.artifacts_dir")
 
 
 def seed_everything(seed: int, rank: int) -> None:
