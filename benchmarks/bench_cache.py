@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What the teacher cache saves: the same two-phase CPU workload three times, side by side in one run.
 
-1. ``no-cache``: ``--set cache.enabled=false``, the teacher stays loaded and embeds every batch inside the loop;
+1. ``no-cache``: the teacher stays loaded and embeds every batch inside the loop (this script's ``--inline-teacher``
+   mode, :func:`train_inline`: the library always caches);
 2. ``cold``: a fresh cache directory, the teacher embeds each unique text once before each phase;
 3. ``warm``: run 2 again with ``--overwrite`` and the cache kept; the teacher is never loaded.
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common as C  # noqa: E402
 
 RUNS = ("no-cache", "cold", "warm")
+INLINE = "--inline-teacher"  # first argument: run train_ddp.py with the teacher inside the loop (train_inline)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,15 +85,48 @@ def run_overrides(run: str, args: argparse.Namespace, work: Path) -> tuple[list[
             f"phase1.batch_size={args.batch1}", f"phase2.batch_size={args.batch2}",
             f"training.num_threads={args.threads}", f"training.precision={args.precision}"]
     if run == "no-cache":
-        sets += [f"paths.output_dir={work / 'no-cache'}", f"paths.cache_dir={work / 'no-cache' / 'cache'}",
-                 "cache.enabled=false"]
+        sets += [f"paths.output_dir={work / 'no-cache'}", f"paths.cache_dir={work / 'no-cache' / 'cache'}"]
     else:
         sets += [f"paths.output_dir={work / 'cached'}", f"paths.cache_dir={work / 'cached' / 'cache'}"]
     return sets, run == "warm"
 
 
+def inline_command(cmd: list[str]) -> list[str]:
+    """A :func:`benchmarks.common.train_command` with ``train_ddp.py`` replaced by this script's inline mode."""
+    at = cmd.index(str(C.REPO / "train_ddp.py"))
+    return [*cmd[:at], str(Path(__file__).resolve()), INLINE, *cmd[at + 1 :]]
+
+
+def train_inline(argv: list[str]) -> int:
+    """``train_ddp.py argv`` without the teacher cache, the naive baseline: the teacher is loaded once per phase and
+    embeds every batch inside the loop (and the eval set directly). Patches :mod:`distill.teacher_targets` in this
+    process only; the trainer imports its functions when it calls them."""
+    import distill.teacher_targets as T
+    from distill.cli import train_main
+    from distill.evaluate import Embeddings
+    from distill.models import TeacherEncoder, teacher_spec_from_config
+
+    def teacher(cfg: Any, max_length: int, device: Any) -> Any:
+        spec = teacher_spec_from_config(cfg.model, max_length, device, cpu_tuning=cfg.training.cpu_tuning)
+        return TeacherEncoder(spec, device, cfg.model.attn_implementation)
+
+    def build_teacher_targets(cfg: Any, phase_max_length: int, queries: Any, documents: Any, device: Any) -> Any:
+        enc, bs = teacher(cfg, phase_max_length, device), cfg.model.teacher_batch_size
+        return T.TeacherTargets(lambda rows: enc.encode(queries.take(rows), "query", bs),
+                                lambda rows: enc.encode(documents.take(rows), "document", bs), enc.dim, 0)
+
+    def eval_teacher_embeddings(cfg: Any, beir: Any, device: Any) -> Any:
+        enc = teacher(cfg, cfg.phase2.max_length, device)
+        texts = T._beir_texts(beir)
+        q, d = (enc.encode(t, role, cfg.model.teacher_batch_size) for role, t in texts.items())
+        return Embeddings(list(beir.queries), list(beir.corpus), q, d)
+
+    T.build_teacher_targets, T.eval_teacher_embeddings = build_teacher_targets, eval_teacher_embeddings
+    return train_main(argv)
+
+
 def inloop_teacher_texts(stats: dict[str, C.LoopStats | None], num_negatives: int) -> int:
-    """Texts the teacher embeds inside the loop with ``cache.enabled: false``: every sample of every step, as
+    """Texts the teacher embeds inside the loop in the ``no-cache`` run: every sample of every step, as
     many texts as the sample has (the summary reports 0 in that mode; the freeze probe's 2 examples not counted)."""
     total = 0
     for phase, s in stats.items():
@@ -219,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in RUNS:
             sets, overwrite = run_overrides(run, args, work)
             cmd = C.train_command(config, sets, nproc=args.nproc, overwrite=overwrite)
+            if run == "no-cache":
+                cmd = inline_command(cmd)
             print(f"[{run} #{r + 1}] {' '.join(cmd)}", flush=True)
             wall = C.run_logged(cmd, work / "logs" / f"{run}-r{r}.log", env)
             run_dir = work / ("no-cache" if run == "no-cache" else "cached") / experiment
@@ -242,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in ratios.items():
         print(f"{k:30s} {'-' if v is None else f'{v:.2f}x'}")
     print("\nteacher_texts of no-cache = samples x texts per sample (computed: the summary reports "
-          f"{by['no-cache']['teacher_passes_reported']} with cache.enabled=false)")
+          f"{by['no-cache']['teacher_passes_reported']} without the cache)")
     if args.repeats > 1:
         for run in RUNS:
             walls = ", ".join(f"{x['wall_s']:.1f}" for x in every[run])
@@ -256,4 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_inline(sys.argv[2:]) if sys.argv[1:2] == [INLINE] else main())

@@ -248,7 +248,6 @@ class DataConfig:
 
 @dataclass
 class CacheConfig:
-    enabled: bool = True  # false: run the teacher inside the training loop on every batch
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     shard_size: int = 4096
 

@@ -76,17 +76,8 @@ def fill_roles(cfg: Config, cache, spec: TeacherSpec, tables: dict[str, Sequence
 
 
 def build_teacher_targets(cfg: Config, phase_max_length: int, queries, documents, device: torch.device) -> TeacherTargets:
-    """Fill the cache with every text of the phase and return lookups into it.
-
-    With ``cache.enabled: false`` the teacher stays loaded and runs on every batch instead (the naive baseline the
-    cache benchmark compares against).
-    """
+    """Fill the cache with every text of the phase and return lookups into it."""
     spec = teacher_spec_from_config(cfg.model, phase_max_length, device, cpu_tuning=cfg.training.cpu_tuning)
-    if not cfg.cache.enabled:
-        teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
-        bs = cfg.model.teacher_batch_size
-        return TeacherTargets(lambda rows: teacher.encode(queries.take(rows), "query", bs),
-                              lambda rows: teacher.encode(documents.take(rows), "document", bs), teacher.dim, 0)
     cache = open_cache(cfg)
     forwards = fill_roles(cfg, cache, spec, {"query": queries, "document": documents}, device)
     q = cache.lookup(spec.fingerprint("query"), queries)
@@ -100,13 +91,9 @@ def eval_teacher_embeddings(cfg: Config, beir: Any, device: torch.device):
 
     spec = teacher_spec_from_config(cfg.model, cfg.phase2.max_length, device, cpu_tuning=cfg.training.cpu_tuning)
     texts = _beir_texts(beir)
-    if cfg.cache.enabled:
-        cache = open_cache(cfg)
-        fill_roles(cfg, cache, spec, texts, device)
-        q, d = (cache.lookup(spec.fingerprint(role), t)[np.arange(len(t))] for role, t in texts.items())
-    else:
-        teacher = TeacherEncoder(spec, device, cfg.model.attn_implementation)
-        q, d = (teacher.encode(t, role, cfg.model.teacher_batch_size) for role, t in texts.items())
+    cache = open_cache(cfg)
+    fill_roles(cfg, cache, spec, texts, device)
+    q, d = (cache.lookup(spec.fingerprint(role), t)[np.arange(len(t))] for role, t in texts.items())
     return Embeddings(list(beir.queries), list(beir.corpus), q, d)
 
 

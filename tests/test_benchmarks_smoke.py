@@ -30,13 +30,17 @@ def test_bench_cache_args_and_runs(tmp_path: Path) -> None:
     nocache, ow0 = bench_cache.run_overrides("no-cache", args, tmp_path)
     cold, ow1 = bench_cache.run_overrides("cold", args, tmp_path)
     warm, ow2 = bench_cache.run_overrides("warm", args, tmp_path)
-    assert "cache.enabled=false" in nocache and "cache.enabled=false" not in cold
+    assert not any(s.startswith("cache.") for s in nocache)  # the library always caches: see inline_command
     assert (ow0, ow1, ow2) == (False, False, True)
     assert cold == warm  # the warm run is the cold one again, cache kept
     assert f"paths.cache_dir={tmp_path / 'cached' / 'cache'}" in cold
     assert f"paths.cache_dir={tmp_path / 'no-cache' / 'cache'}" in nocache
     assert "phase2.num_epochs=2" in cold and "training.num_threads=1" in cold
     assert "training.precision=auto" in cold  # the default: the precision the trainer picks for this CPU
+    cmd = C.train_command(tmp_path / "c.yaml", nocache, nproc=2)
+    inline = bench_cache.inline_command(cmd)
+    assert inline[inline.index(str(Path(bench_cache.__file__).resolve())) + 1] == bench_cache.INLINE
+    assert str(C.REPO / "train_ddp.py") not in inline and inline[:6] == cmd[:6] and inline[8:] == cmd[7:]
 
 
 def test_inloop_teacher_texts() -> None:
