@@ -1,8 +1,5 @@
-"""Retrieval evaluation of a student (and its teacher) on a BEIR-format held-out set.
-
-Read a BEIR folder, encode queries and documents, exact cosine top-k search, then nDCG@10, MRR@10, Recall@10 and
-Recall@100 with ``pytrec_eval``, gathered in a settings table (teacher->teacher, student->student per dim,
-student->teacher "drop-in") with retention against the teacher. Command line: ``python -m distill evaluate``.
+"""Retrieval evaluation of a student (and its teacher) on a BEIR set: exact cosine search, nDCG@10, MRR@10,
+Recall@10/100 (``pytrec_eval``) per setting, with retention against the teacher. CLI: ``python -m distill evaluate``.
 """
 
 from __future__ import annotations
@@ -55,8 +52,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, str]:
-    """``{_id: text}`` from a JSON-lines file, text = ``title + " " + text`` when ``text_keys`` has a non-empty
-    title; any bad line is a :class:`DataError` naming file and line."""
+    """``{_id: text}`` (``title + " " + text`` when there is a title); a bad line is a DataError naming it."""
     rows: dict[str, str] = {}
     for line_no, line in _lines(path):
         where = f"{path}:{line_no}"
@@ -104,8 +100,7 @@ def _read_qrels(path: Path, queries_path: Path, query_ids: Container[str]) -> Qr
 
 
 def read_beir(folder: str | Path, split: str = "test") -> BeirData:
-    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv`` of a BEIR folder. Only queries with qrels
-    are kept; a qrels query missing from ``queries.jsonl`` is a :class:`DataError` naming the qrels line."""
+    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv``; only queries with qrels are kept."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: BEIR folder not found")
@@ -130,9 +125,8 @@ def exact_search(
     chunk_size: int = CHUNK,
     query_chunk_size: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` documents by cosine similarity for every query: ``(scores [q, k'], indices [q, k'])`` sorted by
-    descending score, ``k' = min(k, n)``, in at least float32, on ``query_emb.device``. Queries and documents are
-    taken in chunks with a running top-k, so ``doc_emb`` may be large and live elsewhere (e.g. CPU)."""
+    """Cosine top-``k`` per query: ``(scores, indices)`` [q, min(k, n)], descending, at least float32, on the
+    queries' device; chunked with a running top-k, so ``doc_emb`` may be large and live elsewhere."""
     if query_emb.ndim != 2 or doc_emb.ndim != 2 or query_emb.shape[1] != doc_emb.shape[1]:
         raise ValueError(
             f"exact_search needs [q, d] and [n, d], got {tuple(query_emb.shape)} and {tuple(doc_emb.shape)}"
@@ -160,11 +154,8 @@ def exact_search(
 def per_query_metrics(
     qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
 ) -> dict[str, dict[str, float]]:
-    """``{query_id: {metric: value}}`` for every query in ``qrels`` (queries absent from ``run`` score 0).
-
-    With ``pytrec_eval``: nDCG@10 = ``ndcg_cut_10``, Recall@k = ``recall_k`` and MRR@10 = ``recip_rank`` on the run
-    cut to its top 10 (ties broken as trec_eval does: doc id descending).
-    """
+    """``{query_id: {metric: value}}`` for every query of ``qrels`` (0 when absent from ``run``); MRR@10 is
+    ``recip_rank`` on the run cut to its top 10 (ties as trec_eval: doc id descending)."""
     qrels = {q: dict(d) for q, d in qrels.items()}
     top10 = {
         q: dict(sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)[:10]) for q, docs in run.items()
@@ -188,8 +179,7 @@ def compute_metrics(
 
 @dataclass
 class Embeddings:
-    """Embeddings of an eval set: ``queries`` [q, d] in ``query_ids`` order, ``documents`` [n, d] in ``doc_ids``
-    order (any float dtype and device; e.g. rows of the teacher cache)."""
+    """``queries`` [q, d] in ``query_ids`` order, ``documents`` [n, d] in ``doc_ids`` order (any dtype, device)."""
 
     query_ids: list[str]
     doc_ids: list[str]
@@ -258,20 +248,6 @@ def _check_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
     return sorted({int(d) for d in dims}, reverse=True)
 
 
-def evaluate_retrieval(
-    queries: Mapping[str, str],
-    corpus: Mapping[str, str],
-    qrels: Mapping[str, Mapping[str, int]],
-    encode_query: EncodeFn,
-    encode_doc: EncodeFn,
-    dims: Sequence[int] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Encode, search and score: ``{str(dim): {metric: mean value}}`` for each (MRL-truncated) dim of ``dims``
-    (default: the full embedding only)."""
-    emb = encode_eval_set(queries, corpus, qrels, encode_query, encode_doc)
-    return {str(dim): retrieval_metrics(emb, qrels, dim) for dim in _check_dims(dims, emb.dim)}
-
-
 def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str, float] | None) -> dict[str, Any]:
     retention = None
     if reference is not None:
@@ -280,8 +256,7 @@ def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str,
 
 
 def _mean_cosine(student: Embeddings, teacher: Embeddings) -> dict[str, float]:
-    """Mean over texts of cos(student_i, teacher_i) for queries, documents and all texts; teacher rows are moved to
-    the student's device one chunk at a time."""
+    """Mean cos(student_i, teacher_i) over queries, documents and all texts, one chunk at a time."""
 
     def cosines(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.cat([
@@ -306,13 +281,9 @@ def evaluate_settings(
     teacher: EncodeFn | Embeddings | None = None,
     dims: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """The settings table, as a JSON-serialisable dict.
-
-    Rows ``{"setting", "dim", "metrics", "retention" (metric / teacher's, or None)}``: ``teacher->teacher`` (with a
-    teacher), ``student->student`` per dim of ``dims`` (default: the full dim; MRL truncation) and, when student and
-    teacher dims agree ("projection" mode), ``student->teacher`` (student queries against teacher documents) and
-    ``mean_cosine`` of both embeddings of the same texts. ``student`` / ``teacher``: encoders or :class:`Embeddings`.
-    """
+    """The settings table (JSON-serialisable): rows ``{"setting", "dim", "metrics", "retention"}`` of
+    ``teacher->teacher``, ``student->student`` per dim of ``dims`` (MRL truncation) and, when the dims agree
+    ("projection" mode), ``student->teacher`` (student queries, teacher documents) plus ``mean_cosine``."""
     query_ids, doc_ids = _eval_ids(queries, corpus, qrels)
 
     def embeddings(source: EncodeFn | Embeddings, who: str) -> Embeddings:
@@ -348,9 +319,8 @@ def evaluate_settings(
 
 
 def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn(*args, **kwargs)`` on rank 0 only and return its result on every rank; if it raises, rank 0
-    re-raises and the other ranks raise a :class:`DistillError`. ``fn`` must not call collectives (during training,
-    encode with the unwrapped module, not the DDP wrapper)."""
+    """``fn(*args, **kwargs)`` on rank 0, its result on every rank (an error: re-raised on rank 0, a DistillError on
+    the others). ``fn`` must not call collectives (encode with the unwrapped module, not the DDP wrapper)."""
     payload: tuple[str, Any] | None = None
     error: BaseException | None = None
     if distributed.is_main():
@@ -393,9 +363,8 @@ def evaluate_model(
     out: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], Path]:
-    """``python -m distill evaluate``: evaluate the student folder ``model`` (and ``teacher``, a hub id or folder)
-    on the BEIR folder ``data``; write ``eval.json`` and ``report.md``/``report.json`` into ``out`` (default: the
-    model folder). Returns the results (:func:`evaluate_settings` plus the arguments) and the output folder."""
+    """``python -m distill evaluate``: write ``eval.json`` and the report of ``model`` (and ``teacher``) on ``data``
+    into ``out`` (default: the model folder); returns the results and that folder."""
     from distill import report
 
     if batch_size < 1:

@@ -31,6 +31,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def retrieval(queries, corpus, qrels, encode_query, encode_doc, dims=None) -> dict[str, dict[str, float]]:
+    """Reference scores: encode once, then ``{str(dim): metrics}`` of each (MRL-truncated) dim (default: full)."""
+    emb = ev.encode_eval_set(queries, corpus, qrels, encode_query, encode_doc)
+    return {str(dim): ev.retrieval_metrics(emb, qrels, dim) for dim in dims or [emb.dim]}
+
+
 def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: list[tuple], split="test"):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
@@ -129,7 +135,7 @@ def test_toy_case_by_hand_through_the_full_pipeline():
     queries = {"q1": "first", "q2": "second"}
     # q1 ranking: d2 d1 d3 d4 ; q2 ranking: d4 d3 d2 d1 ; d9 is judged but not in the corpus
     qrels = {"q1": {"d1": 1, "d4": 1}, "q2": {"d2": 2, "d1": 0, "d9": 1}}
-    res = ev.evaluate_retrieval(queries, corpus, qrels, table_encoder(table), table_encoder(table))
+    res = retrieval(queries, corpus, qrels, table_encoder(table), table_encoder(table))
     assert list(res) == ["2"]
     ndcg_q1 = (1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3))
     ndcg_q2 = (2 / math.log2(4)) / (2 + 1 / math.log2(3))
@@ -220,9 +226,9 @@ def test_settings_projection_mode_rows_retention_and_cosine():
     assert sorted(teacher_calls) == [("document", 40), ("query", 12)]
     rows = {r["setting"]: r for r in res["rows"]}
     teach, stud = table_encoder(teacher_table), table_encoder(student_table)
-    tt = ev.evaluate_retrieval(queries, corpus, qrels, teach, teach)["12"]
-    ss = ev.evaluate_retrieval(queries, corpus, qrels, stud, stud)["12"]
-    st = ev.evaluate_retrieval(queries, corpus, qrels, stud, teach)["12"]
+    tt = retrieval(queries, corpus, qrels, teach, teach)["12"]
+    ss = retrieval(queries, corpus, qrels, stud, stud)["12"]
+    st = retrieval(queries, corpus, qrels, stud, teach)["12"]
     assert rows["teacher->teacher"]["metrics"] == tt
     assert rows["student->student"]["metrics"] == ss
     assert rows["student->teacher"]["metrics"] == st
@@ -266,7 +272,7 @@ def test_settings_mrl_mode_one_row_per_dim():
     for row in res["rows"][1:]:
         dim = row["dim"]
         truncated = {t: v[:dim] for t, v in student_table.items()}  # truncation done independently here
-        want = ev.evaluate_retrieval(queries, corpus, qrels, table_encoder(truncated), table_encoder(truncated))
+        want = retrieval(queries, corpus, qrels, table_encoder(truncated), table_encoder(truncated))
         assert row["metrics"] == want[str(dim)]
         assert row["retention"]["ndcg@10"] == pytest.approx(row["metrics"]["ndcg@10"] / teacher_ndcg)
     assert res["rows"][1]["metrics"] != res["rows"][3]["metrics"]
@@ -494,7 +500,7 @@ def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_pa
     assert [(r["setting"], r["dim"]) for r in results["rows"]] == [("student->student", 16), ("student->student", 8)]
     data = ev.read_beir(beir_words)
     student = ev._student_encoder(str(tiny_student), 4, False, "cpu")
-    want = ev.evaluate_retrieval(data.queries, data.corpus, data.qrels, student, student, dims=[16, 8])
+    want = retrieval(data.queries, data.corpus, data.qrels, student, student, dims=[16, 8])
     assert results["rows"][0]["metrics"] == pytest.approx(want["16"], abs=1e-9)
     assert results["rows"][1]["metrics"] == pytest.approx(want["8"], abs=1e-9)
     assert (out / "report.md").is_file() and (out / "report.json").is_file() and (out / "mrl_quality.png").is_file()
