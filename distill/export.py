@@ -14,11 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def build_export_model(student, head: nn.Sequential | None):
-    """The student's modules, then (projection mode) the head's Dense modules and a final Normalize.
-
-    In projection mode ``encode()`` then returns unit-length ``teacher_dim`` vectors, comparable by dot product with
-    the teacher's (normalised) index; in MRL mode the student is saved as it is and ``truncate_dim`` works on it.
-    """
+    """The student's modules, then (projection mode: unit ``teacher_dim`` vectors) the head's Dense and a Normalize."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize
 

@@ -1,12 +1,6 @@
-"""Training/eval metrics logging (JSON lines, optional TensorBoard), plots, and the human report.
-
-Records written by the trainer (one JSON object per line)::
-
-    {"event": "train", "phase": "phase1", "step": 10, "epoch": 0, "loss": 0.41,
-     "terms": {"mse": 0.2, "cosine": 0.3}, "lr": 2e-5, "samples_per_s": 120.0, "elapsed_s": 33.1}
-    {"event": "eval", "phase": "phase1", "step": 10, "results": <distill.evaluate.evaluate_settings dict>}
-
-Only rank 0 should own a :class:`MetricsLogger`.
+"""Metrics logging (JSON lines, optional TensorBoard), plots and the human report. Records, one JSON object a line:
+``{"event": "train", "phase", "step", "epoch", "loss", "terms": {name: value}, "lr", "samples_per_s", "elapsed_s"}``
+and ``{"event": "eval", "phase", "step", "results": <evaluate_settings dict>}``. Only rank 0 owns a MetricsLogger.
 """
 
 from __future__ import annotations
@@ -58,12 +52,8 @@ def _numbers(prefix: str, values: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """The TensorBoard scalars of a record, ``{tag: value}``.
-
-    train: ``train/{phase}/{loss|lr|samples_per_s|...}`` and ``train/{phase}/terms/{term}``;
-    eval: ``eval/{phase}/{setting}@{dim}/{metric}`` and ``eval/{phase}/mean_cosine/{part}``;
-    any other event: its top-level numbers under ``{event}/{phase}/``.
-    """
+    """TensorBoard ``{tag: value}``: ``{event}/{phase}/{key}``, ``.../terms/{term}``, ``.../{setting}@{dim}/{metric}``
+    and ``.../mean_cosine/{part}``."""
     prefix = f"{record.get('event', 'event')}/{record.get('phase', 'all')}"
     out = _numbers(prefix, {k: v for k, v in record.items() if k not in ("step", "epoch")})
     out.update(_numbers(f"{prefix}/terms", record.get("terms")))
@@ -114,8 +104,7 @@ class MetricsLogger(AbstractContextManager):
 
 
 def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics file. A broken *last* line (crash mid-write) is skipped with a warning; a broken
-    line elsewhere is a :class:`DataError` naming the file and line."""
+    """All records of a metrics file; a broken last line (crash mid-write) is skipped, any other is a DataError."""
     path = Path(jsonl_path)
     if not path.is_file():
         raise DataError(f"{path}: metrics file not found")
@@ -212,18 +201,6 @@ def _plot_loss(phase: str, series: list[dict[str, Any]], path: Path) -> Path | N
     return _save(ax, path)
 
 
-def _plot_eval_history(records: list[Mapping[str, Any]], path: Path) -> Path | None:
-    """nDCG@10 of every setting row against the step at which it was evaluated (one line per phase and row)."""
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for r in records:
-        if r.get("event") == "eval" and _is_number(r.get("step")):
-            for row in r["results"].get("rows", []):
-                if _is_number(row["metrics"].get("ndcg@10")):
-                    name = f"{r.get('phase', 'all')} {row['setting']}@{row['dim']}"
-                    lines.setdefault(name, []).append((r["step"], row["metrics"]["ndcg@10"]))
-    return _save(_axes(lines, "eval nDCG@10 during training", "nDCG@10", marker="o"), path, fontsize="small")
-
-
 def mrl_points(eval_results: Mapping[str, Any] | None) -> list[tuple[int, float]]:
     """``(dim, nDCG@10)`` of the student->student rows, ascending dim; empty unless there are >= 2 dims."""
     pts = sorted(
@@ -249,9 +226,8 @@ def plot_mrl(eval_results: Mapping[str, Any] | None, path: str | Path) -> Path |
 
 
 def plot_metrics(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """PNG plots from a metrics file: ``loss_{phase}.png`` (total and each term against step), ``lr.png``,
-    ``eval_ndcg.png`` (eval history) and ``mrl_quality.png`` (nDCG@10 against dim from the last eval, when it has
-    several student dims). Returns the files written."""
+    """Write ``loss_{phase}.png``, ``lr.png``, ``eval_ndcg.png`` (nDCG@10 of every eval row against step) and
+    ``mrl_quality.png`` (last eval, several student dims) from a metrics file; returns the files written."""
     if importlib.util.find_spec("matplotlib") is None:
         logger.warning("matplotlib is not installed: no plots (pip install 'distill[plots]')")
         return []
@@ -262,7 +238,15 @@ def plot_metrics(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     written = [_plot_loss(phase, s, out_dir / f"loss_{phase}.png") for phase, s in series.items()]
     lr = {phase: [(r["step"], r["lr"]) for r in s if _is_number(r.get("lr"))] for phase, s in series.items()}
     written.append(_save(_axes(lr, "learning rate", "lr", figsize=(7, 4)), out_dir / "lr.png"))
-    written.append(_plot_eval_history(records, out_dir / "eval_ndcg.png"))
+    ndcg: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get("event") == "eval" and _is_number(r.get("step")):
+            for row in r["results"].get("rows", []):
+                if _is_number(row["metrics"].get("ndcg@10")):
+                    name = f"{r.get('phase', 'all')} {row['setting']}@{row['dim']}"
+                    ndcg.setdefault(name, []).append((r["step"], row["metrics"]["ndcg@10"]))
+    ax = _axes(ndcg, "eval nDCG@10 during training", "nDCG@10", marker="o")
+    written.append(_save(ax, out_dir / "eval_ndcg.png", fontsize="small"))
     written.append(plot_mrl(last_eval_results(records), out_dir / MRL_PLOT))
     return [p for p in written if p is not None]
 
@@ -299,16 +283,6 @@ def format_eval_table(eval_results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _format_training(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    rows = []
-    for phase, s in summary.items():
-        terms = ", ".join(f"{k} {_fmt(v)}" for k, v in (s["final_terms"] or {}).items()) or "-"
-        speed, elapsed = _fmt(s["samples_per_s"], 1), _fmt(s["elapsed_s"], 1)
-        rows.append([phase, str(s["steps"]), _fmt(s["final_loss"]), terms, speed, elapsed])
-    header = ["Phase", "Steps", "Final loss", "Final terms", "Samples/s", "Elapsed (s)"]
-    return _table(header, "lrrlrr", rows)
-
-
 def write_report(
     out_dir: str | Path,
     eval_results: Mapping[str, Any] | None = None,
@@ -316,11 +290,8 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``report.md`` (eval table, mean cosine, per-phase training summary, plots, config) and
-    ``report.json`` (the same data) into ``out_dir``; returns both paths.
-
-    Without ``eval_results`` the last eval record of ``metrics_jsonl`` (if any) is reported.
-    """
+    """Write ``report.md`` (eval table, training summary, plots, config) and ``report.json`` (the same data) into
+    ``out_dir``; returns both paths. Without ``eval_results`` the last eval record of ``metrics_jsonl`` is reported."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics(metrics_jsonl) if metrics_jsonl is not None else []
@@ -344,8 +315,14 @@ def write_report(
     else:
         md += ["No evaluation results.", ""]
     if metrics_jsonl is not None:
+        rows = []
+        for phase, s in summary.items():
+            terms = ", ".join(f"{k} {_fmt(v)}" for k, v in (s["final_terms"] or {}).items()) or "-"
+            speed, elapsed = _fmt(s["samples_per_s"], 1), _fmt(s["elapsed_s"], 1)
+            rows.append([phase, str(s["steps"]), _fmt(s["final_loss"]), terms, speed, elapsed])
+        header = ["Phase", "Steps", "Final loss", "Final terms", "Samples/s", "Elapsed (s)"]
         md += ["## Training", ""]
-        md += [*_format_training(summary), ""] if summary else ["No training records.", ""]
+        md += [*_table(header, "lrrlrr", rows), ""] if summary else ["No training records.", ""]
     if plots:
         md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if config_plain is not None:
