@@ -1,25 +1,12 @@
 """Training data: read, validate, deduplicate and cap the phase-1 / phase-2 sources; tokenize once.
 
-Sources are Hub datasets (``datasets.load_dataset(path, subset, split=split)``) or local JSONL, CSV or Parquet
-files, or a folder of them. Texts are stored once per role in Arrow tables (:class:`TextTable`) and examples
-refer to them by row:
-
-* phase 1 (``examples`` int64 ``[N, 2]``): ``(role, row)`` with role 0 = query table, 1 = document table; every
-  pair is unique, so each distinct text of a role is distilled once per epoch.
-* phase 2 (``examples`` int64 ``[N, 2 + k]``): ``(query row, positive document row, k negative document rows)``.
-
-Everything is deterministic from the seed: a cap takes a random (not leading) subset with a seeded generator,
-and random negatives are drawn from a seeded generator in a fixed order.
-
-Under ``torchrun`` rank 0 reads and validates the sources and writes the prepared tables atomically to
-``work_dir/<phase>-<key>/`` (``key`` hashes the source configs, caps, seed and the local files' size + mtime);
-then every rank loads them memory-mapped. ``work_dir`` must therefore be visible to every rank (a shared
-filesystem on multi-node jobs). A later call with the same inputs reuses the folder.
+Texts are stored once per role in Arrow tables (:class:`TextTable`) and examples refer to them by row. Rank 0
+prepares ``work_dir/<phase>-<key>/`` atomically (``key`` hashes everything the tables depend on), every rank then
+loads it memory-mapped, so ``work_dir`` must be visible to every rank. Caps and filled negatives are seeded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
@@ -30,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,9 +42,11 @@ QUERY, DOCUMENT = 0, 1
 _FORMATS = ("auto", "jsonl", "csv", "parquet", "hub")
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
-# Phase-1 auto-detection: column name (lower-cased) -> role.
-_QUERY_NAMES = frozenset({"query", "anchor", "question"})
-_DOCUMENT_NAMES = frozenset({"positive", "pos", "answer", "passage", "document", "text", "negative", "neg"})
+# Phase-1 auto-detection: column name (lower-cased) -> role; negative_N columns are documents too.
+_AUTO_ROLES = {
+    **dict.fromkeys(("query", "anchor", "question"), QUERY),
+    **dict.fromkeys(("positive", "pos", "answer", "passage", "document", "text", "negative", "neg"), DOCUMENT),
+}
 _NEGATIVE_N = re.compile(r"^negative_(\d+)$")
 
 # Phase-2 auto-detection, in order of preference.
@@ -76,10 +65,7 @@ _TOKEN_FEATURES = datasets.Features(
 
 @dataclass
 class TextTable:
-    """Unique texts of one role, Arrow-backed (memory-mapped when loaded from disk).
-
-    ``fingerprint`` identifies the content (it keys the tokenization cache).
-    """
+    """Unique texts of one role, Arrow-backed; ``fingerprint`` identifies the content (it keys the token cache)."""
 
     role: str
     dataset: datasets.Dataset
@@ -99,7 +85,7 @@ class TextTable:
         return len(self.dataset)
 
     def __getitem__(self, i: int | slice) -> str | list[str]:
-        """One text (negative indices count from the end; IndexError when out of range) or a slice of texts."""
+        """One text or a slice of texts."""
         return self.dataset[i]["text"]
 
     def take(self, rows: Sequence[int] | np.ndarray) -> list[str]:
@@ -109,14 +95,8 @@ class TextTable:
 
 @dataclass
 class SourceReport:
-    """What happened to one source's rows.
-
-    ``rows_read`` counts every row (or JSONL line with content); ``kept`` the rows that made it into the phase
-    (phase 1: rows whose texts were added; phase 2: examples); ``dropped_bad`` rows dropped by
-    ``on_bad_row: skip``; ``dropped_duplicate`` exact duplicate rows (phase 1: within the source; phase 2:
-    identical (query, positive, negatives) anywhere in the phase); ``filled_negatives`` phase-2 examples that got
-    random negatives; ``sampled_out`` unique valid rows removed by a cap.
-    """
+    """What happened to one source's rows: read, kept, dropped (bad, duplicate), filled with random negatives,
+    and ``sampled_out`` (unique valid rows removed by a cap)."""
 
     name: str
     rows_read: int = 0
@@ -145,10 +125,7 @@ class Phase2Data:
 
 @dataclass
 class TokenizedTable:
-    """Token ids of every row of a :class:`TextTable`, tokenized once and Arrow-backed.
-
-    ``lengths`` int64 ``[n]``: token counts including special tokens, after truncation to ``max_length``.
-    """
+    """Token ids of every row of a :class:`TextTable`; ``lengths`` int64 ``[n]`` counts special tokens too."""
 
     dataset: datasets.Dataset
     lengths: np.ndarray
@@ -170,9 +147,9 @@ class _BadRow(Exception):
 
 @dataclass
 class _Part:
-    """One readable unit of a source: a local file, or a Hub dataset split."""
+    """One readable unit of a source: a local file, or a Hub dataset split (``label`` names it in errors)."""
 
-    label: str  # how errors name it: the file path, or "dataset <id> (<subset>, <split>)"
+    label: str
     format: str  # jsonl | csv | parquet | hub
     path: Path | None = None
     source: Any = None  # the SourceConfig, for hub parts
@@ -190,14 +167,6 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def _is_local(source: Any) -> bool:
-    """``format: auto`` reads a local file when the path exists or clearly names one; anything else is a Hub id."""
-    path = source.path
-    if Path(path).expanduser().exists():
-        return True
-    return Path(path).suffix.lower() in _EXTENSIONS or path.startswith((".", "/", "~"))
-
-
 def _resolve_parts(source: Any) -> list[_Part]:
     """The files (sorted, for folders) or the Hub split that make up ``source``."""
     fmt = (source.format or "auto").lower()
@@ -205,10 +174,12 @@ def _resolve_parts(source: Any) -> list[_Part]:
         raise DataError(
             f"source {_source_name(source)}: unknown format {source.format!r} (expected one of {', '.join(_FORMATS)})"
         )
-    if fmt == "hub" or (fmt == "auto" and not _is_local(source)):
+    path = Path(source.path).expanduser()
+    # format auto: a local file when the path exists or clearly names one, else a Hub id
+    local = path.exists() or path.suffix.lower() in _EXTENSIONS or source.path.startswith((".", "/", "~"))
+    if fmt == "hub" or (fmt == "auto" and not local):
         inner = f"{source.subset}, {source.split}" if source.subset else source.split
         return [_Part(label=f"dataset {source.path} ({inner})", format="hub", source=source)]
-    path = Path(source.path).expanduser()
     if not path.exists():
         raise DataError(f"{source.path}: file not found (source {_source_name(source)})")
     if path.is_dir():
@@ -270,12 +241,12 @@ def _read_csv(part: _Part) -> tuple[list[str], Iterator[_Row]]:
     reader = csv.reader(handle)
     try:
         header = next(reader, [])
+        problem = None if _valid_utf8(header) else "not valid UTF-8"
     except csv.Error as err:
+        problem = f"malformed CSV header ({err})"
+    if problem:
         handle.close()
-        raise DataError(f"{part.label}:1: malformed CSV header ({err})") from None
-    if not _valid_utf8(header):
-        handle.close()
-        raise DataError(f"{part.label}:1: not valid UTF-8")
+        raise DataError(f"{part.label}:1: {problem}")
 
     def records() -> Iterator[_Row]:
         with handle:
@@ -300,13 +271,6 @@ def _read_csv(part: _Part) -> tuple[list[str], Iterator[_Row]]:
     return header, records()
 
 
-def _numbered(label: str, batches: Iterable[list[dict[str, Any]]]) -> Iterator[_Row]:
-    """Rows of a table read in batches; locations are ``<label> row i`` (0-based row index)."""
-    rows = (row for batch in batches for row in batch)
-    for index, row in enumerate(rows):
-        yield f"{label} row {index}", row
-
-
 def _open_part(part: _Part) -> tuple[list[str] | None, Iterator[_Row]]:
     """The part's column names when its schema is known up front (None for JSONL) and its rows."""
     if part.format == "jsonl":
@@ -320,17 +284,18 @@ def _open_part(part: _Part) -> tuple[list[str] | None, Iterator[_Row]]:
             handle = pq.ParquetFile(part.path)
         except Exception as err:  # noqa: BLE001 - pyarrow raises several types for unreadable files
             raise DataError(f"{part.label}: not a readable Parquet file ({_one_line(err)})") from None
-        batches = (batch.to_pylist() for batch in handle.iter_batches(batch_size=1024))
-        return list(handle.schema_arrow.names), _numbered(part.label, batches)
-    source = part.source
-    try:
-        dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
-    except Exception as err:  # noqa: BLE001 - network, missing config/split, auth: all reported the same way
-        raise DataError(f"{part.label}: cannot load ({type(err).__name__}: {_one_line(err)})") from None
-    if not isinstance(dataset, datasets.Dataset):
-        raise DataError(f"{part.label}: expected one split, got {type(dataset).__name__}")
-    batches = (batch.to_pylist() for batch in dataset.with_format("arrow").iter(batch_size=1000))
-    return list(dataset.column_names), _numbered(part.label, batches)
+        columns, batches = handle.schema_arrow.names, handle.iter_batches(batch_size=1000)
+    else:
+        source = part.source
+        try:
+            dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+        except Exception as err:  # noqa: BLE001 - network, missing config/split, auth: all reported the same way
+            raise DataError(f"{part.label}: cannot load ({type(err).__name__}: {_one_line(err)})") from None
+        if not isinstance(dataset, datasets.Dataset):
+            raise DataError(f"{part.label}: expected one split, got {type(dataset).__name__}")
+        columns, batches = dataset.column_names, dataset.with_format("arrow").iter(batch_size=1000)
+    rows = enumerate(row for batch in batches for row in batch.to_pylist())
+    return list(columns), ((f"{part.label} row {index}", row) for index, row in rows)
 
 
 # ---- Row -> texts ----
@@ -350,48 +315,27 @@ def _text(value: Any, column: str) -> str:
     return value
 
 
-def _texts(value: Any, column: str) -> list[str]:
-    """A string column gives one text, a list-valued column each of its elements."""
+def _texts(value: Any, column: str, limit: int | None = None) -> list[str]:
+    """A string column gives one text, a list-valued column each of its (first ``limit``) elements."""
     if isinstance(value, (list, tuple)):
-        return [_text(v, f"{column}[{i}]") for i, v in enumerate(value)]
+        return [_text(v, f"{column}[{i}]") for i, v in enumerate(value[:limit])]
     return [_text(value, column)]
-
-
-def _auto_role(column: str) -> int | None:
-    name = column.lower()
-    if name in _QUERY_NAMES:
-        return QUERY
-    if name in _DOCUMENT_NAMES or _NEGATIVE_N.match(name):
-        return DOCUMENT
-    return None
 
 
 def _phase1_plan(source: Any, columns: Sequence[str]) -> _Plan:
     """The configured query / document columns, or the auto-detected ones among ``columns``."""
     if source.query_columns or source.document_columns:
         return [(c, QUERY) for c in source.query_columns] + [(c, DOCUMENT) for c in source.document_columns]
-    plan = [(c, role) for c in columns if (role := _auto_role(c)) is not None]
+    roles = ((c, DOCUMENT if _NEGATIVE_N.match(c.lower()) else _AUTO_ROLES.get(c.lower())) for c in columns)
+    plan = [(c, role) for c, role in roles if role is not None]
     if not plan:
         raise _BadRow(f"no query or document column among {', '.join(columns) or '(none)'} "
                       f"(set query_columns / document_columns)")
     return plan
 
 
-def _phase1_items(plan: _Plan, row: dict[str, Any]) -> list[tuple[int, str]]:
-    """The ``(role, text)`` items of one phase-1 row."""
-    items = [(role, text) for column, role in plan for text in _texts(row[column], column)]
-    if not items:
-        raise _BadRow("no text (every text column is an empty list)")
-    return items
-
-
 def _phase2_plan(source: Any, columns: Sequence[str], num_negatives: int, fill: bool) -> _Plan:
-    """The query, positive and negative columns.
-
-    Auto-detection (case-insensitive): query = query | anchor | question; positive = pos | positive | answer |
-    passage | document (a list-valued column gives its first element); negatives = neg | negatives (a list),
-    else negative_1..negative_N (in numeric order), else negative.
-    """
+    """The configured query, positive and negative columns, or the auto-detected ones among ``columns``."""
     lower = {c.lower(): c for c in columns}
     listing = ", ".join(columns) or "(none)"
 
@@ -422,22 +366,15 @@ def _phase2_texts(plan: _Plan, row: dict[str, Any], num_negatives: int) -> tuple
     """``(query, positive, negatives)`` of one row; at most ``num_negatives`` negatives (the first ones)."""
     (query_column, _), (positive_column, _), *negative_columns = plan
     query = _text(row[query_column], query_column)
-    positive = row[positive_column]
-    if isinstance(positive, (list, tuple)):
-        if not positive:
-            raise _BadRow(f"column {positive_column!r} is an empty list")
-        positive = _text(positive[0], f"{positive_column}[0]")
-    else:
-        positive = _text(positive, positive_column)
+    positive = _texts(row[positive_column], positive_column, 1)
+    if not positive:
+        raise _BadRow(f"column {positive_column!r} is an empty list")
     negatives: list[str] = []
     for column, _ in negative_columns:
         if len(negatives) >= num_negatives:
             break
-        value = row[column]
-        if isinstance(value, (list, tuple)):
-            value = value[: num_negatives - len(negatives)]
-        negatives.extend(_texts(value, column))
-    return query, positive, negatives[:num_negatives]
+        negatives.extend(_texts(row[column], column, num_negatives - len(negatives)))
+    return query, positive[0], negatives
 
 
 # ---- Preparation ----
@@ -446,13 +383,6 @@ def _phase2_texts(plan: _Plan, row: dict[str, Any], num_negatives: int) -> tuple
 def _intern(ids: dict[str, int], text: str) -> int:
     """The id of ``text`` in ``ids`` (text -> id in order of first appearance), adding it if new."""
     return ids.setdefault(text, len(ids))
-
-
-def _check_policies(data: Any) -> None:
-    if data.on_bad_row not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_row: expected 'error' or 'skip', got {data.on_bad_row!r}")
-    if data.fill_negatives not in ("error", "random"):
-        raise ConfigError(f"data.fill_negatives: expected 'error' or 'random', got {data.fill_negatives!r}")
 
 
 def _sample(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -486,14 +416,11 @@ def _read_source(
     parse: Callable[[_Plan, dict[str, Any]], tuple[int, ...]],
     seen: set[tuple[int, ...]],
 ) -> tuple[list[tuple[int, ...]], SourceReport]:
-    """The keys ``parse(plan, row)`` of the source's valid rows that are not already in ``seen`` (which grows).
-
-    ``plan_of(columns)`` says which columns a row with these columns is read from; bad rows raise or are counted
-    as ``data.on_bad_row`` says, and a source without any usable row is an error.
-    """
+    """The keys ``parse(plan, row)`` of the source's valid rows that are not already in ``seen`` (which grows);
+    ``plan_of(columns)`` names the columns a row is read from."""
     report = SourceReport(name=_source_name(source))
     rows: list[tuple[int, ...]] = []
-    plans: dict[tuple[str, ...], _Plan] = {}
+    row_plan = functools.cache(plan_of)  # rows with the same keys share a plan
     for part in _resolve_parts(source):
         columns, row_iter = _open_part(part)
         if columns is not None:
@@ -503,13 +430,11 @@ def _read_source(
             try:
                 if isinstance(row, _BadRow):
                     raise row
-                keys = tuple(row)
-                if keys not in plans:
-                    plans[keys] = plan_of(keys)
-                for column, _ in plans[keys]:
+                plan = row_plan(tuple(row))
+                for column, _ in plan:
                     if column not in row:
                         raise _BadRow(f"missing column {column!r}")
-                key = parse(plans[keys], row)
+                key = parse(plan, row)
             except _BadRow as err:
                 if data.on_bad_row == "error":
                     raise DataError(f"{loc}: {err}") from None
@@ -529,14 +454,14 @@ def _read_source(
 def _prepare_phase1(
     data: Any, cap_default: int | None, seed: int
 ) -> tuple[list[str], list[str], np.ndarray, list[SourceReport]]:
-    """Read every phase-1 source, cap each one (rows), and return (query texts, document texts, examples, reports).
-
-    A row's key is its distinct ``(role, text id)`` items; rows are deduplicated within their source.
-    """
+    """(query texts, document texts, examples, reports) of the phase-1 sources, each deduplicated and capped."""
     ids: dict[int, dict[str, int]] = {QUERY: {}, DOCUMENT: {}}
 
     def parse(plan: _Plan, row: dict[str, Any]) -> tuple[int, ...]:
-        return tuple(dict.fromkeys((role, _intern(ids[role], text)) for role, text in _phase1_items(plan, row)))
+        items = [(role, text) for column, role in plan for text in _texts(row[column], column)]
+        if not items:
+            raise _BadRow("no text (every text column is an empty list)")
+        return tuple(dict.fromkeys((role, _intern(ids[role], text)) for role, text in items))
 
     pairs: dict[tuple[int, int], None] = {}  # ordered set of (role, text id) over every kept row
     reports = []
@@ -558,12 +483,8 @@ def _prepare_phase1(
 def _prepare_phase2(
     data: Any, num_negatives: int, max_samples: int | None, seed: int
 ) -> tuple[list[str], list[str], np.ndarray, list[SourceReport]]:
-    """Read every phase-2 source, apply the per-source caps then the total cap, fill short negative lists.
-
-    A row's key is ``(query id, positive id, negative ids...)``, deduplicated over the phase; with
-    ``fill_negatives: random`` it may hold fewer than ``num_negatives`` negatives (filled here).
-    Returns (query texts, document texts, examples int64 [N, 2 + num_negatives], reports).
-    """
+    """(query texts, document texts, examples, reports) of the phase-2 sources: deduplicated over the phase,
+    capped per source then in total, short negative lists filled with random documents."""
     fill = data.fill_negatives == "random"
     query_ids: dict[str, int] = {}
     doc_ids: dict[str, int] = {}
@@ -595,9 +516,8 @@ def _prepare_phase2(
     query_texts, doc_texts = list(query_ids), list(doc_ids)
     queries: dict[str, int] = {}
     documents: dict[str, int] = {}
-    kept = []
-    for e in (candidates[i] for i in chosen.tolist()):
-        kept.append([_intern(queries, query_texts[e[0]]), *(_intern(documents, doc_texts[d]) for d in e[1:])])
+    kept = [[_intern(queries, query_texts[e[0]]), *(_intern(documents, doc_texts[d]) for d in e[1:])]
+            for e in (candidates[i] for i in chosen.tolist())]
     width = 2 + num_negatives
     if any(len(row) < width for row in kept) and len(documents) < num_negatives + 1:
         raise DataError(f"phase 2: cannot fill negatives: only {len(documents)} distinct documents, "
@@ -605,35 +525,18 @@ def _prepare_phase2(
     rng = np.random.default_rng([seed, 4])
     for i, row in enumerate(kept):
         if len(row) < width:
-            _fill(row, num_negatives, len(documents), rng)
             reports[origin_kept[i]].filled_negatives += 1
+            taken = set(row[1:])
+            while len(row) < width:  # random documents other than the positive and the negatives already there
+                candidate = int(rng.integers(len(documents)))
+                if candidate not in taken:
+                    taken.add(candidate)
+                    row.append(candidate)
     examples = np.array(kept, dtype=np.int64).reshape(-1, width)
     return list(queries), list(documents), examples, reports
 
 
-def _fill(row: list[int], num_negatives: int, num_docs: int, rng: np.random.Generator) -> None:
-    """Append random document rows (never the positive ``row[1]`` nor an existing negative) up to k negatives."""
-    taken = set(row[1:])
-    while len(row) < 2 + num_negatives:
-        candidate = int(rng.integers(num_docs))
-        if candidate not in taken:
-            taken.add(candidate)
-            row.append(candidate)
-
-
 # ---- Prepared folders: rank 0 writes, every rank reads ----
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Silence datasets' progress bars while we save/map (they would interleave across ranks)."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
 
 
 def _digest(payload: Any) -> str:
@@ -664,57 +567,35 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` into a fresh sibling folder, then rename it to ``final`` (a crash leaves no half folder)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    progress_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # they would interleave across ranks
     try:
-        with _quiet_datasets():
-            write(tmp)
+        write(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             if not final.is_dir():  # else: a concurrent job finished the same folder first; keep theirs
                 raise
     finally:
+        if progress_bars:
+            datasets.enable_progress_bars()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_dir(folder: Path) -> None:
-    """Delete ``folder``: renamed aside first, so a crash half-way never leaves a partial folder under its name."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.bad-", dir=folder.parent))
-    os.replace(folder, aside / folder.name)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _load_prepared(folder: Path) -> tuple[TextTable, TextTable, np.ndarray, list[SourceReport]]:
-    try:
-        queries = datasets.load_from_disk(str(folder / "queries"))
-        documents = datasets.load_from_disk(str(folder / "documents"))
-        examples = np.load(folder / "examples.npy", mmap_mode="r")
-        reports = [SourceReport(**r) for r in json.loads((folder / "reports.json").read_text())]
-    except (OSError, ValueError, TypeError) as err:
-        raise DataError(f"{folder}: prepared data is unreadable ({_one_line(err)}); delete the folder") from None
-    return (
-        TextTable(role="query", dataset=queries, fingerprint=f"{folder.name}/queries"),
-        TextTable(role="document", dataset=documents, fingerprint=f"{folder.name}/documents"),
-        examples,
-        reports,
-    )
 
 
 def _main_prepares(prepare: Callable[[], Path]) -> Path:
     """Rank 0 runs ``prepare`` (returning a folder); every rank then gets the folder or rank 0's error.
 
-    Rank 0's outcome is broadcast before the barrier, so a failure there raises the same message on every rank
-    instead of leaving the others waiting.
+    The outcome is broadcast before the barrier, so a rank-0 failure raises on every rank instead of a hang.
     """
     outcome: Path | DistillError | None = None
-    error: BaseException | None = None
+    error: Exception | None = None
     if get_info().rank == 0:
         try:
             outcome = prepare()
-        except DataError as err:
-            outcome = error = err
         except Exception as err:  # noqa: BLE001 - any rank-0 failure must reach the other ranks
             error = err
-            outcome = DistillError(f"rank 0 failed while preparing data: {type(err).__name__}: {_one_line(err)}")
+            failed = f"rank 0 failed while preparing data: {type(err).__name__}: {_one_line(err)}"
+            outcome = err if isinstance(err, DataError) else DistillError(failed)
     outcome = broadcast_object(outcome)
     barrier()
     if error is not None:
@@ -724,32 +605,23 @@ def _main_prepares(prepare: Callable[[], Path]) -> Path:
     return outcome
 
 
-def _log_reports(phase: str, folder: Path, reports: list[SourceReport], n_queries: int, n_documents: int,
-                 n_examples: int, reused: bool) -> None:
-    verb = "reused" if reused else "prepared"
-    name_width = max([len("source"), *(len(r.name) for r in reports)])
-    lines = [
-        f"{phase}: {n_examples} examples, {n_queries} queries, {n_documents} documents ({verb} {folder})",
-        f"  {'source':<{name_width}} {'read':>9} {'kept':>9} {'bad':>7} {'duplicate':>9} {'filled':>7} {'capped':>9}",
-    ]
-    for r in reports:
-        lines.append(f"  {r.name:<{name_width}} {r.rows_read:>9} {r.kept:>9} {r.dropped_bad:>7} "
-                     f"{r.dropped_duplicate:>9} {r.filled_negatives:>7} {r.sampled_out:>9}")
-    logger.info("\n".join(lines))
-
-
 def _load_phase(phase: str, data: Any, sources: list[Any], params: dict[str, Any], work_dir: str | Path,
                 build: Callable[[], tuple[list[str], list[str], np.ndarray, list[SourceReport]]],
                 ) -> tuple[TextTable, TextTable, np.ndarray, list[SourceReport]]:
     """Rank 0 builds (or finds) the phase's prepared folder; every rank loads it."""
+    verb = "prepared"
+
     def prepare() -> Path:
-        _check_policies(data)
+        nonlocal verb
+        if data.on_bad_row not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_row: expected 'error' or 'skip', got {data.on_bad_row!r}")
+        if data.fill_negatives not in ("error", "random"):
+            raise ConfigError(f"data.fill_negatives: expected 'error' or 'random', got {data.fill_negatives!r}")
         if not sources:
             raise DataError(f"{phase}: no data sources configured (data.{phase})")
         folder = Path(work_dir) / f"{phase}-{_phase_key(phase, data, sources, params)}"
         if (folder / "examples.npy").is_file():
-            queries, documents, examples, reports = _load_prepared(folder)
-            _log_reports(phase, folder, reports, len(queries), len(documents), len(examples), reused=True)
+            verb = "reused"
             return folder
         query_texts, doc_texts, examples, reports = build()
 
@@ -762,20 +634,28 @@ def _load_phase(phase: str, data: Any, sources: list[Any], params: dict[str, Any
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
         _write_atomically(folder, write)
-        _log_reports(phase, folder, reports, len(query_texts), len(doc_texts), len(examples), reused=False)
         return folder
 
-    return _load_prepared(_main_prepares(prepare))
+    folder = _main_prepares(prepare)
+    try:
+        queries, documents = (TextTable(role, datasets.load_from_disk(str(folder / name)), f"{folder.name}/{name}")
+                              for role, name in (("query", "queries"), ("document", "documents")))
+        examples = np.load(folder / "examples.npy", mmap_mode="r")
+        reports = [SourceReport(**r) for r in json.loads((folder / "reports.json").read_text())]
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(f"{folder}: prepared data is unreadable ({_one_line(err)}); delete the folder") from None
+    if get_info().rank == 0:  # the per-source summary table
+        width = max([len("source"), *(len(r.name) for r in reports)])
+        rows = [("source", "read", "kept", "bad", "duplicate", "filled", "capped"), *map(dataclasses.astuple, reports)]
+        table = "\n".join("  {:<{w}} {:>9} {:>9} {:>7} {:>9} {:>7} {:>9}".format(*row, w=width) for row in rows)
+        logger.info("%s: %d examples, %d queries, %d documents (%s %s)\n%s", phase, len(examples), len(queries),
+                    len(documents), verb, folder, table)
+    return queries, documents, examples, reports
 
 
 def load_phase1(data: DataConfig, max_samples_per_dataset: int | None, seed: int, work_dir: str | Path) -> Phase1Data:
-    """Unique ``(role, text)`` examples of every ``data.phase1`` source.
-
-    Each source contributes its query / document columns (configured, or auto-detected: query | anchor | question
-    -> query; positive | pos | answer | passage | document | text | negative | negative_N | neg -> document;
-    list-valued columns contribute each element). A source is capped to ``source.max_samples`` rows, else
-    ``max_samples_per_dataset`` rows, chosen at random from its unique valid rows.
-    """
+    """Unique ``(role, text)`` examples of every ``data.phase1`` source; each source is capped to
+    ``source.max_samples`` (else ``max_samples_per_dataset``) rows chosen at random from its unique valid rows."""
     params = {"max_samples_per_dataset": max_samples_per_dataset, "seed": seed}
     build = lambda: _prepare_phase1(data, max_samples_per_dataset, seed)  # looked up at call time (tests patch it)
     return Phase1Data(*_load_phase("phase1", data, list(data.phase1), params, work_dir, build))
@@ -784,13 +664,8 @@ def load_phase1(data: DataConfig, max_samples_per_dataset: int | None, seed: int
 def load_phase2(
     data: DataConfig, num_negatives: int, max_samples: int | None, seed: int, work_dir: str | Path
 ) -> Phase2Data:
-    """``(query, positive, num_negatives negatives)`` examples of every ``data.phase2`` source.
-
-    Formats: ``{query, pos: [str], neg: [str]}`` (FlagEmbedding; the first pos is the positive),
-    ``{anchor|query, positive, negative_1..negative_N}`` and ``{anchor|query, positive, negative}``, or the columns
-    named by ``query_column`` / ``positive_column`` / ``negative_columns``. The first ``num_negatives`` negatives
-    are used. Each source is capped to ``source.max_samples`` (random subset), then the union to ``max_samples``.
-    """
+    """``(query, positive, num_negatives negatives)`` examples of every ``data.phase2`` source; each source is capped
+    to ``source.max_samples`` (random subset), then the union to ``max_samples``."""
     params = {"num_negatives": num_negatives, "max_samples": max_samples, "seed": seed}
     build = lambda: _prepare_phase2(data, num_negatives, max_samples, seed)  # looked up at call time
     return Phase2Data(*_load_phase("phase2", data, list(data.phase2), params, work_dir, build))
@@ -855,7 +730,9 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
                 return folder
             except ManifestError as err:
                 logger.warning("tokenized %s texts in %s are unusable (%s): rebuilding them", table.role, folder, err)
-                _remove_dir(folder)
+                aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.bad-", dir=folder.parent))
+                os.replace(folder, aside / folder.name)  # renamed first: a crash never leaves a partial folder
+                shutil.rmtree(aside, ignore_errors=True)
         _write_atomically(folder, write)
         logger.info("tokenized %d %s texts (max_length %d) into %s", len(table), table.role, max_length, folder)
         return folder
