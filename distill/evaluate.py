@@ -239,15 +239,6 @@ def encode_eval_set(
     return Embeddings(query_ids=query_ids, doc_ids=doc_ids, queries=q, documents=d)
 
 
-def _check_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
-    if not dims:
-        return [full_dim]
-    bad = [d for d in dims if not 1 <= int(d) <= full_dim]
-    if bad:
-        raise ConfigError(f"eval dims {bad} are outside 1..{full_dim} (the student's embedding dimension)")
-    return sorted({int(d) for d in dims}, reverse=True)
-
-
 def _row(setting: str, dim: int, metrics: dict[str, float], reference: dict[str, float] | None) -> dict[str, Any]:
     retention = None
     if reference is not None:
@@ -300,7 +291,10 @@ def evaluate_settings(
     if teacher_emb is not None:
         reference = retrieval_metrics(teacher_emb, qrels)
         rows.append(_row("teacher->teacher", teacher_emb.dim, reference, reference))
-    for dim in _check_dims(dims, student_emb.dim):
+    bad = [d for d in dims or [] if not 1 <= int(d) <= student_emb.dim]
+    if bad:
+        raise ConfigError(f"eval dims {bad} are outside 1..{student_emb.dim} (the student's embedding dimension)")
+    for dim in sorted({int(d) for d in dims}, reverse=True) if dims else [student_emb.dim]:
         rows.append(_row("student->student", dim, retrieval_metrics(student_emb, qrels, dim), reference))
     same_dim = teacher_emb is not None and teacher_emb.dim == student_emb.dim
     if same_dim:

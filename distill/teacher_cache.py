@@ -1,22 +1,16 @@
 """On-disk cache of teacher embeddings: every unique text is embedded once, then looked up at train time.
 
-The cache knows nothing about models. The caller passes a ``namespace`` (a fingerprint of everything that changes
-the vectors: teacher, revision, pooling, normalisation, prompt, max length, dtype) and an ``encode`` callable.
+The caller passes a ``namespace`` (a fingerprint of everything that changes the vectors) and an ``encode`` callable.
+``root/<namespace>/`` holds immutable shards ``shard-r<rank>-<uuid4>``, three files each, written atomically::
 
-``root/<namespace>/`` holds immutable shards; shard ``<stem>`` (``shard-r<rank>-<uuid4>``, so ranks and concurrent
-jobs never collide) is three files, each written to a temporary name, fsynced and ``os.replace``-d into place::
+    <stem>.emb.npy    [rows, dim] vectors in the storage dtype (bfloat16 as its int16 bit pattern)
+    <stem>.keys.npy   [rows, 2] uint64: 128-bit BLAKE2b digest (hi, lo) of each row's UTF-8 text
+    <stem>.json       manifest, written LAST (marks the shard complete): format, rows, dim, dtype, and the name,
+                      byte size and sha256 of both data files
 
-    <stem>.emb.npy    [rows, dim] vectors in the storage dtype (bfloat16 as its int16 bit pattern: numpy has none)
-    <stem>.keys.npy   [rows, 2] uint64: 128-bit BLAKE2b digest of each row's UTF-8 text as words (hi, lo); a text
-                      is identified by its digest only (a collision is negligibly unlikely)
-    <stem>.json       manifest, written LAST, so its presence marks the shard complete: format, rows, dim,
-                      dtype, and the name, byte size and sha256 of both data files
-
-A shard is used only if its manifest parses, the keys file matches its sha256, the embeddings file has the recorded
-size, both ``.npy`` headers match the manifest and -- for :meth:`TeacherCache.fill` and :meth:`TeacherCache.lookup`,
-not for the cheap :meth:`TeacherCache.count_missing` -- the embeddings file matches its sha256 (once per file and
-process). A shard that fails is skipped with a warning, so its texts are recomputed; during ``fill`` rank 0 moves
-it to ``<namespace>/_quarantine/``. Multi-rank use requires ``root`` on a filesystem every rank sees.
+A shard is used only if its manifest, key checksum, embeddings size and ``.npy`` headers check out and, except for
+:meth:`TeacherCache.count_missing`, its embeddings sha256 (once per file and process); a failing shard is skipped
+(its texts recomputed) and, during ``fill``, moved to ``<namespace>/_quarantine/``. All ranks must see ``root``.
 """
 
 from __future__ import annotations
@@ -43,6 +37,7 @@ from tqdm.auto import tqdm
 from distill.atomic import fsync_dir
 from distill.distributed import barrier, broadcast_object, get_info
 from distill.errors import CacheError, ConfigError, DataError
+from distill.manifest import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +83,7 @@ def text_keys(texts: Sequence[str]) -> np.ndarray:
 
 
 def _gather(texts: Sequence[str], positions: np.ndarray, size: int = _HASH_CHUNK) -> list[str]:
-    """``[texts[i] for i in positions]``, read as one slice per chunk that holds any of them (Arrow-backed tables
-    answer one slice far faster than many single rows)."""
+    """``[texts[i] for i in positions]``, read as one slice per chunk (fast on Arrow-backed tables)."""
     out: list[str] = [""] * len(positions)
     order = np.argsort(positions, kind="stable")
     sorted_pos = positions[order]
@@ -130,7 +124,7 @@ class _Shard:
 
 def _atomic_write(path: Path, data: bytes) -> dict[str, Any]:
     """Write ``data`` to ``path`` via a fsynced temporary file + ``os.replace``; return its manifest entry."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # left behind on failure: see _delete_stale_tmps
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # left behind on failure: see _synced_index
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -171,10 +165,7 @@ def _stat_key(path: Path) -> tuple[str, int, int]:
 def _load_shard(
     directory: Path, stem: str, verified: set[tuple[str, int, int]], full: bool
 ) -> tuple[_Shard, np.ndarray]:
-    """Verify shard ``stem`` and return it with its keys [rows, 2]; raise :class:`_InvalidShard` on any defect.
-
-    ``full`` adds the sha256 of the embeddings file, skipped for files already in ``verified`` (and recorded there).
-    """
+    """Shard ``stem`` and its keys [rows, 2], verified (``full``: also the embeddings sha256 unless in ``verified``)."""
     try:
         manifest = json.loads((directory / f"{stem}.json").read_text(encoding="utf-8"))
         shard = _Shard(directory, stem, manifest["rows"], manifest["dim"], manifest["dtype"])
@@ -197,33 +188,20 @@ def _load_shard(
     if full:
         stat_key = _stat_key(shard.emb_path)
         if stat_key not in verified:
-            with open(shard.emb_path, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != emb_meta["sha256"]:
-                    raise _InvalidShard(f"{shard.emb_path.name} does not match its sha256 (corrupted)")
+            if sha256_file(shard.emb_path) != emb_meta["sha256"]:
+                raise _InvalidShard(f"{shard.emb_path.name} does not match its sha256 (corrupted)")
             verified.add(stat_key)
     return shard, keys
 
 
 def _listing(directory: Path) -> tuple[list[str], list[str], tuple[tuple[str, int, int], ...]]:
-    """(stems with a manifest, stems with data files but no manifest (a killed writer), fingerprint).
-
-    The fingerprint, (name, size, mtime_ns) of every shard file, changes on any edit.
-    """
+    """(stems with a manifest, stems without one (a killed writer), (name, size, mtime_ns) of every shard file)."""
     if not directory.is_dir():
         return [], [], ()
     files = sorted((e.name, e.stat()) for e in os.scandir(directory) if e.name.endswith(_SHARD_SUFFIXES))
     stems = [name[: -len(".json")] for name, _ in files if name.endswith(".json")]
     orphans = sorted({name.rsplit(".", 2)[0] for name, _ in files} - set(stems))
     return stems, orphans, tuple((name, st.st_size, st.st_mtime_ns) for name, st in files)
-
-
-def _delete_stale_tmps(directory: Path) -> None:
-    """Delete temporary files old enough that no live writer can own them (leftovers of killed runs)."""
-    now = time.time()
-    for tmp in directory.glob("*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            if now - tmp.stat().st_mtime > _TMP_GRACE_S:
-                tmp.unlink()
 
 
 def _quarantine(directory: Path, stem: str) -> None:
@@ -269,12 +247,8 @@ class _Index:
 
 
 class CachedEmbeddings:
-    """Teacher vectors of the texts given to :meth:`TeacherCache.lookup`, read lazily from memory-mapped shards.
-
-    ``emb[rows]`` with ``rows`` an int sequence / array / tensor of positions in those texts -> float32
-    ``[len(rows), dim]``; a plain int gives ``[dim]``. Only the requested rows are read from disk. Picklable
-    (open memory maps are dropped and reopened), so it can be handed to DataLoader workers.
-    """
+    """Vectors of the texts given to :meth:`TeacherCache.lookup`, read lazily from memory-mapped shards: ``emb[rows]``
+    (positions in those texts) -> float32 ``[len(rows), dim]``, an int -> ``[dim]``. Picklable (for DataLoaders)."""
 
     _max_open = 64  # each memory map holds a file descriptor, so only the most recently used shards stay open
 
@@ -357,10 +331,8 @@ class _ShardBuffer:
 
 
 class TeacherCache:
-    """Teacher embeddings on disk under ``root/<namespace>/``, stored in ``dtype`` and returned as float32.
-
-    ``shard_size`` is the number of rows per shard file: the most work a killed fill can lose.
-    """
+    """Teacher embeddings under ``root/<namespace>/``, stored in ``dtype``, returned as float32; ``shard_size`` rows
+    per shard file (the most work a killed fill can lose)."""
 
     def __init__(self, root: str | Path, dtype: str = "float16", shard_size: int = 4096) -> None:
         if dtype not in _DTYPES:
@@ -386,14 +358,9 @@ class TeacherCache:
         batch_size: int,
         progress: bool = True,
     ) -> int:
-        """Encode and store every distinct text of ``texts`` that is not cached yet; return how many THIS rank encoded.
-
-        Collective: every rank calls it with the same ``texts``. The missing distinct texts, in order of first
-        occurrence, are dealt round-robin to ranks; each rank sorts its share by length (longest first, so an
-        out-of-memory batch shows up at once), calls ``encode(list[str]) -> [b, dim]`` per batch of ``batch_size``
-        and writes a shard every ``shard_size`` rows. If ``encode`` raises, the rows already encoded are written
-        before the error propagates. Afterwards every rank re-reads the index.
-        """
+        """Encode and store every distinct text not cached yet; returns how many THIS rank encoded. Collective (same
+        ``texts`` on every rank): the missing texts are dealt round-robin, each rank encodes its share longest first
+        (an out-of-memory batch shows at once); if ``encode`` raises, the rows already encoded are stored first."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"teacher cache batch_size must be a positive integer, got {batch_size!r}")
         info = get_info()
@@ -451,11 +418,8 @@ class TeacherCache:
         return self.root / namespace
 
     def _index(self, namespace: str, full: bool, quarantine: bool = False, accepted: list[str] | None = None) -> _Index:
-        """The namespace's index; rebuilt when any shard file changed (or a checksum pass is newly needed).
-
-        ``quarantine`` (rank 0 inside ``fill``) moves invalid and manifest-less shards aside. ``accepted`` (the
-        other ranks inside ``fill``) loads exactly these shards, whose checksums rank 0 verified.
-        """
+        """The namespace's index, rebuilt when a shard file changed (or checksums are newly needed). ``quarantine``:
+        move bad shards aside (rank 0 in ``fill``); ``accepted``: load exactly these shards, verified by rank 0."""
         directory = self._dir(namespace)
         stems, orphans, fingerprint = _listing(directory)
         cached = self._indexes.get(namespace)
@@ -496,7 +460,10 @@ class TeacherCache:
         ranks load exactly the shards rank 0 accepted, so all ranks agree on what is missing."""
         if not get_info().is_main:
             return self._index(namespace, full=True, accepted=broadcast_object(None))
-        _delete_stale_tmps(self._dir(namespace))
+        for tmp in self._dir(namespace).glob("*.tmp"):  # leftovers of killed writers, too old to be live ones
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - tmp.stat().st_mtime > _TMP_GRACE_S:
+                    tmp.unlink()
         index = self._index(namespace, full=True, quarantine=True)
         broadcast_object([s.stem for s in index.shards])
         return index

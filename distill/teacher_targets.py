@@ -1,9 +1,6 @@
-"""Teacher targets: the teacher embeddings each training phase (and the eval set) distills from, via the cache.
-
-The 7B teacher runs once per unique (text, role) pair: before each phase the texts missing from
-:class:`~distill.teacher_cache.TeacherCache` are embedded (sharded over all ranks) and stored, and training reads
-the stored vectors; the teacher is loaded only if something is missing, and freed before the student trains.
-:func:`precompute` fills (or counts) the cache for a whole config ahead of training (``python -m distill cache``).
+"""The teacher embeddings each phase (and the eval set) distills from, via :class:`~distill.teacher_cache.TeacherCache`:
+before each phase all ranks embed the missing (text, role) pairs (the teacher loads only then, and is freed before
+the student trains). :func:`precompute` fills (or counts) the cache ahead of training (``python -m distill cache``).
 """
 
 from __future__ import annotations
@@ -62,10 +59,8 @@ def open_cache(cfg: Config):
 
 
 def fill_roles(cfg: Config, cache, spec: TeacherSpec, tables: dict[str, Sequence[str]], device: torch.device) -> int:
-    """Embed every missing text of each role (collective: every rank calls it); returns the global forward count.
-
-    Pass the same ``cache`` object to the lookups that follow: it has already verified the shards it read.
-    """
+    """Embed every missing text of each role (collective); returns the global forward count. Look up through the
+    same ``cache`` afterwards: it has already verified the shards it read."""
     teacher = LazyTeacher(spec, device, cfg.model.attn_implementation, cfg.model.teacher_batch_size)
     local = 0
     for role, texts in tables.items():
