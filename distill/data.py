@@ -76,8 +76,7 @@ class TextTable:
         """An in-memory table (e.g. a BEIR corpus); its fingerprint hashes the role and the texts."""
         digest = hashlib.blake2b(role.encode(), digest_size=16)
         for text in texts:
-            digest.update(text.encode("utf-8", "surrogatepass"))
-            digest.update(b"\x00")
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
         dataset = datasets.Dataset.from_dict({"text": list(texts)}, features=_TEXT_FEATURES)
         return cls(role=role, dataset=dataset, fingerprint=digest.hexdigest())
 
@@ -171,9 +170,8 @@ def _resolve_parts(source: Any) -> list[_Part]:
     """The files (sorted, for folders) or the Hub split that make up ``source``."""
     fmt = (source.format or "auto").lower()
     if fmt not in _FORMATS:
-        raise DataError(
-            f"source {_source_name(source)}: unknown format {source.format!r} (expected one of {', '.join(_FORMATS)})"
-        )
+        raise DataError(f"source {_source_name(source)}: unknown format {source.format!r} "
+                        f"(expected one of {', '.join(_FORMATS)})")
     path = Path(source.path).expanduser()
     # format auto: a local file when the path exists or clearly names one, else a Hub id
     local = path.exists() or path.suffix.lower() in _EXTENSIONS or source.path.startswith((".", "/", "~"))
@@ -205,34 +203,23 @@ def _read_jsonl(part: _Part) -> Iterator[_Row]:
     """One JSON object per non-blank line; locations are ``file:line`` (1-based)."""
     with open(part.path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
-            loc = f"{part.label}:{lineno}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield loc, _BadRow(f"not valid UTF-8 (byte {err.start} of the line)")
-                continue
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")
+                if not line.strip():
+                    continue
                 obj = json.loads(line)
+            except UnicodeDecodeError as err:
+                obj = _BadRow(f"not valid UTF-8 (byte {err.start} of the line)")
             except json.JSONDecodeError as err:
-                yield loc, _BadRow(f"malformed JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield loc, _BadRow(f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield loc, obj
+                obj = _BadRow(f"malformed JSON ({err.msg} at column {err.colno})")
+            if not isinstance(obj, (dict, _BadRow)):
+                obj = _BadRow(f"expected a JSON object, got {type(obj).__name__}")
+            yield f"{part.label}:{lineno}", obj
 
 
 def _valid_utf8(fields: list[str]) -> bool:
     """False when a field holds an undecodable byte (read with ``errors="surrogateescape"``)."""
-    try:
-        "".join(fields).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return re.search("[\ud800-\udfff]", "".join(fields)) is None
 
 
 def _read_csv(part: _Part) -> tuple[list[str], Iterator[_Row]]:
@@ -672,11 +659,8 @@ def load_phase2(
 
 
 def load_phase_data(cfg: Config, phase: int, work_dir: str | Path | None = None) -> Phase1Data | Phase2Data:
-    """The prepared data of training ``phase`` (1 or 2) of ``cfg``, as the trainer, the cache fill and the plan see it.
-
-    ``work_dir`` holds the prepared folders; default ``cfg.cache_root / "data"``, where training reuses them
-    (``--dry-run`` passes a temporary folder so that planning writes nothing).
-    """
+    """The prepared data of training ``phase`` (1 or 2) of ``cfg``, as the trainer, the cache fill and the plan see it;
+    ``work_dir`` defaults to ``cfg.cache_root / "data"`` (the dry run passes a temporary folder: it writes nothing)."""
     work = cfg.cache_root / "data" if work_dir is None else work_dir
     if phase == 1:
         return load_phase1(cfg.data, cfg.phase1.max_samples_per_dataset, cfg.training.seed, work)
@@ -689,12 +673,8 @@ def load_phase_data(cfg: Config, phase: int, work_dir: str | Path | None = None)
 
 
 def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: str | Path) -> TokenizedTable:
-    """Tokenize every row of ``table`` once (truncation to ``max_length``, no padding) and cache it on disk.
-
-    The cache folder ``work_dir/tokens-<key>`` is keyed by the tokenizer's ``name_or_path`` and vocabulary size,
-    ``max_length`` and the table's fingerprint. Rank 0 computes it; every rank loads it memory-mapped. Its
-    ``MANIFEST.json`` (size and sha256 of every file, written last) is verified by rank 0 before each reuse: a folder
-    without one, or with a missing, truncated or changed file, is rebuilt after one warning.
+    """Tokenize every row of ``table`` once (truncated, unpadded) into ``work_dir/tokens-<key>``, written by rank 0
+    and loaded memory-mapped by every rank; a folder whose ``MANIFEST.json`` does not verify is rebuilt (one warning).
     """
     if max_length < 1:
         raise ConfigError(f"max_length: must be >= 1, got {max_length}")
@@ -750,30 +730,22 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
 
 
 def preflight(data: Any, phases: Sequence[int], num_negatives: int) -> None:
-    """Fail fast, before torch.distributed starts, on what a glance at the local files shows is wrong.
-
-    For every local source of the given phases: the path exists, the format is known, no file is empty, and the
-    first row parses (UTF-8, JSON, CSV) and has the needed columns. Each check raises the same one-line
-    :class:`DataError` the full read would. Row-level problems further down a file are found by the full read
-    (rank 0, before any model loads); Hub sources are only reachable through that read.
-    """
+    """Fail fast, before torch.distributed starts, with the error the full read would raise, when a local source of
+    ``phases`` is missing, of unknown format, empty, or its first row does not parse or lacks a needed column."""
     fill = data.fill_negatives == "random"
     for phase in phases:
         for source in data.phase1 if phase == 1 else data.phase2:
-            if phase == 1:
-                plan_of = functools.partial(_phase1_plan, source)
-            else:
-                plan_of = functools.partial(_phase2_plan, source, num_negatives=num_negatives, fill=fill)
+            plan_of = (functools.partial(_phase1_plan, source) if phase == 1
+                       else functools.partial(_phase2_plan, source, num_negatives=num_negatives, fill=fill))
             for part in _resolve_parts(source):
                 if part.format == "hub":
                     continue
                 if part.path.stat().st_size == 0:
                     raise DataError(f"{part.label}: empty file (source {_source_name(source)})")
                 columns, rows = _open_part(part)
-                first = next(rows, None)
-                if first is None:
+                loc, row = next(rows, ("", None))
+                if row is None:
                     raise DataError(f"{part.label}: no rows (source {_source_name(source)})")
-                loc, row = first
                 if isinstance(row, _BadRow):
                     raise DataError(f"{loc}: {row}")
                 _check_columns(part.label, columns if columns is not None else list(row), plan_of)
