@@ -306,8 +306,7 @@ def print_plan(cfg: Config, nproc: int | None = None, gpu: str = "H100") -> dict
               f"  run dir      {cfg.run_dir}  (config.yaml, metrics.jsonl, checkpoints/, phase1/, phase2/, final/)",
               f"  final model  {cfg.run_dir / 'final'}",
               f"  artifacts    {cfg.artifact_dir if cfg.training.save_to_artifacts else '(save_to_artifacts: false)'}",
-              f"  cache        {cfg.cache_root} (teacher embeddings {'on' if cfg.cache.enabled else 'OFF'}, "
-              f"{cfg.cache.dtype})"]
+              f"  cache        {cfg.cache_root} (teacher embeddings, {cfg.cache.dtype})"]
     print("\n".join(lines))
     return {"experiment": cfg.experiment, "world": world, "gpu": gpu, "phases": plans, "hours": total_hours,
             "warnings": warnings, "teacher_fill_bytes": fill}
