@@ -1,22 +1,11 @@
-"""Crash-safe training checkpoints: a kill, a preemption or a full disk never corrupts the last good one.
+"""Crash-safe training checkpoints, the resume policy over a run folder, and one run per run folder.
 
-Layout of one checkpoint, ``{run_dir}/checkpoints/phase{p}-step{s:08d}/``::
-
-    model.safetensors      student (+ head) weights
-    optimizer.pt           AdamW state        (torch.save; loaded with weights_only=True)
-    scheduler.pt           LR scheduler state
-    scaler.pt              fp16 grad scaler state (only with fp16)
-    rng.pt                 every rank's torch (and CUDA) RNG state, in rank order
-    state.json             phase, step, epoch, next micro-batch, counters, the resolved config
-    MANIFEST.json          written last: byte size and sha256 of every file above (:mod:`distill.manifest`)
-
-Rank 0 writes everything into ``.tmp-<name>/`` (each file flushed and fsynced), renames the folder into place,
-fsyncs the parent, and only then deletes checkpoints beyond ``keep_last``. Loading verifies every file against the
-manifest (size, then sha256) before reading it; :func:`load_latest` walks checkpoints newest first and skips, with one
-warning line each, any that has no valid manifest (incomplete, or written before manifests existed), a missing,
-truncated or bit-flipped file, or a part that does not load (weights, optimizer, scheduler, scaler, RNG, state).
-
-:class:`RunLock` keeps a second run off a run folder that one is using (``{output_dir}/.{experiment}.lock``).
+A checkpoint ``{run_dir}/checkpoints/phase{p}-step{s:08d}/`` holds ``model.safetensors``, ``optimizer.pt``,
+``scheduler.pt``, ``scaler.pt`` (fp16 only), ``rng.pt`` (every rank's RNG states) and ``state.json`` (where training
+stands, the resolved config); ``MANIFEST.json`` (size and sha256 of each, :mod:`distill.manifest`) is written last.
+Rank 0 writes into ``.tmp-<name>/``, renames it into place, then prunes beyond ``keep_last``: a kill or a full disk
+never corrupts the last good checkpoint. Loading verifies the manifest before reading; :func:`load_latest` skips,
+with one warning line each, any checkpoint that is incomplete, corrupt or does not load.
 """
 
 from __future__ import annotations

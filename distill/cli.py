@@ -62,10 +62,6 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Commands: each takes the parsed arguments and returns the exit status
-# --------------------------------------------------------------------------------------------------------------------
-
 
 def _load(args: argparse.Namespace) -> Any:
     from distill.config import load_config
@@ -138,10 +134,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"\nwrote {out_dir / 'eval.json'} and {out_dir / 'report.md'}")
     return 0
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Parsers
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def _logging_parent() -> argparse.ArgumentParser:

@@ -1,27 +1,18 @@
 """Everything that depends on the hardware: the training precision, and the CPU tuning behind ``training.cpu_tuning``.
 
-The trainer and the models are device-agnostic; what differs by device lives here:
-
-* :func:`resolve_precision` turns ``training.precision: auto`` into bf16 on GPUs that multiply bf16 natively, fp16
-  (with a grad scaler) on older GPUs, and fp32 on CPUs, or bf16 on CPUs with AVX512-BF16 / AMX when the CPU tuning
-  is on (:func:`cpu_has_native_bf16`; elsewhere bf16 matmuls are emulated and slower than fp32).
-* :func:`apply_cpu_tuning` is the one call that tunes a CPU run: it swaps the student's dropout for
-  :func:`rand_dropout`, whose mask comes from 15-bit lanes of ``random_`` integers instead of ``bernoulli_``. On
-  CPU, ``F.dropout`` draws one Mersenne Twister number per element; here each 64-bit draw of ``random_`` on int64
-  (uniform on [0, 2^63)) gives four masks, its four 16-bit lanes cut to their low 15 bits. The maths is
-  ``nn.Dropout``'s with p on a 2^-15 grid::
+* :func:`resolve_precision`: ``precision: auto`` is bf16 on GPUs that multiply bf16 natively, fp16 (grad scaler) on
+  older GPUs, fp32 on CPUs, or bf16 on CPUs with AVX512-BF16 / AMX when the CPU tuning is on.
+* :func:`apply_cpu_tuning`, the one call that tunes a CPU run, swaps the student's dropout for :func:`rand_dropout`.
+  ``F.dropout`` on CPU draws one Mersenne Twister number per element; here each 64-bit ``random_`` draw on int64
+  (uniform on [0, 2^63)) gives four masks, its 16-bit lanes cut to 15 bits. ``nn.Dropout``'s maths, p on a 2^-15 grid::
 
       t = round(p * 2^15),  keep = L >= t   (P(keep) = q = 1 - t / 2^15, |q - (1 - p)| <= 2^-16)
       y = x * keep / q                      dy/dx = keep / q      (so E[y] = x exactly)
 
-  with a different random stream (still ``torch``'s default generator, so ``torch.manual_seed`` per rank decides it,
-  checkpoints restore it and GradCache replays it). Two places carry a student's dropout: ``nn.Dropout`` modules,
-  and the ``dropout`` argument transformers' SDPA attention passes into ``F.scaled_dot_product_attention``; the
-  second is pointed at :func:`sdpa_rand_dropout_attention`, registered through transformers' attention interface.
-  This module is the only one that touches transformers' attention internals; if they change, the tuning is
-  skipped with a warning and training goes on with the stock dropout.
-
-``benchmarks/bench_dropout.py`` measures the masks; docs/PERFORMANCE.md has the numbers.
+  The stream is torch's default generator (seeded per rank, restored by checkpoints, replayed by GradCache).
+  ``nn.Dropout`` modules are swapped, and transformers' SDPA attention is pointed at
+  :func:`sdpa_rand_dropout_attention`: the only use of transformers' attention internals in the project; if they
+  change, the tuning is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -171,10 +162,6 @@ def apply_cpu_tuning(student: nn.Module, device: torch.device) -> bool:
     log.info("cpu_tuning: dropout from random_ bit lanes (%d dropout modules swapped)", swapped)
     return True
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Precision
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def cpu_has_native_bf16() -> bool:

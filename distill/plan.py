@@ -1,12 +1,7 @@
-"""``python -m distill plan`` (= ``train --dry-run``): validate a config and print what the run would do on a given
-number of GPUs, without loading any weights or writing anything.
-
-Every estimate states its assumptions. Compute counts matmul FLOPs of the non-embedding parameters (a lookup is no
-matmul) plus attention: forward ``2 * P * tokens + 4 * layers * hidden * seq * tokens``, three times that for a
-trained forward + backward. The frozen teacher runs forward once per unique (text, role) thanks to the cache; the
-student trains on every text of every example. Time = FLOPs / (GPUs * bf16 peak * MFU), with one MFU assumed for the
-teacher's large inference matmuls and a lower one for the small student's eager training steps
-(``scripts/gpu_check.sh`` measures both on a real GPU).
+"""``python -m distill plan`` (= ``train --dry-run``): check a config and print what the run would do on N GPUs, loading
+no weights and writing nothing. Compute counts matmul FLOPs of the non-embedding parameters plus attention (forward
+``2 * P * tokens + 4 * layers * hidden * seq * tokens``, x3 for training); the teacher runs once per unique text, the
+student on every text of every example; time = FLOPs / (GPUs * bf16 peak * an assumed MFU, stated in the output).
 """
 
 from __future__ import annotations
@@ -168,10 +163,9 @@ def activation_bytes(shape: Shape, texts: int, length: float) -> float:
 
 
 def estimate_memory(cfg: Config, plan: PhasePlan) -> dict[str, Any]:
-    """Peak memory per GPU (bytes) of a phase: 16 bytes per trained parameter (fp32 weights and gradients, AdamW's two
-    moments) + the activations of the forward of the batch of the longest texts (length-grouped batches pad each
-    batch to its own longest text): ``batch_size`` texts in phase 1; in phase 2 ``batch_size * (2 + num_negatives)``
-    texts, or ``mini_batch_size`` with ``cached_infonce`` (GradCache)."""
+    """Peak memory per GPU (bytes) of a phase: 16 bytes per trained parameter (weights, gradients, AdamW moments in
+    fp32) + the activations of one forward of the longest texts (phase 2: all 2 + k texts per query, or
+    ``mini_batch_size`` with GradCache)."""
     m, shape = cfg.model, model_shape(cfg.model.student)
     texts = cfg.phase(int(plan.name[-1])).batch_size
     if plan.name == "phase2":

@@ -522,10 +522,6 @@ class Trainer:
         return self.cfg.artifact_dir if self.cfg.training.save_to_artifacts else self.cfg.run_dir / "final"
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------------
-
 
 class _HeadModule(nn.Module):
     """The projection head as a module of tensors (so DDP can wrap the head alone)."""
