@@ -106,22 +106,34 @@ def test_load_phase_data_default_folder_and_bad_phase(tmp_path: Path, monkeypatc
     ([], 64, "phase1: only 192 training examples, but one global batch needs 512 (batch_size 8 x 64 ranks)"),
 ])
 def test_dry_run_refuses_what_training_would_fail_on(tmp_path: Path, tiny_teacher_dir, tiny_student_dir, overrides,
-                                                     nproc, message) -> None:
-    """Everything knowable without loading a model fails the dry run with one line, exit 2, nothing written."""
+                                                     nproc, message, monkeypatch) -> None:
+    """Everything knowable without loading a model fails the plan with one DistillError, nothing written."""
+    from tiny_data import tiny_config_yaml, write_training_files
+
+    from distill.errors import DistillError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = write_training_files(tmp_path / "data")
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    (tmp_path / "a_file").write_text("x")
+    expected = message.format(tmp=tmp_path, student=tiny_student_dir, teacher=tiny_teacher_dir)
+    with pytest.raises(DistillError) as err:
+        print_plan(load_config(cfg, [o.format(tmp=tmp_path) for o in overrides]), nproc=nproc)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_error_is_one_line_and_exit_2(tmp_path: Path, tiny_teacher_dir, tiny_student_dir) -> None:
     import subprocess
     import sys
 
     from tiny_data import tiny_config_yaml, write_training_files
 
-    files = write_training_files(tmp_path / "data")
-    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
-    (tmp_path / "a_file").write_text("x")
-    sets = [arg for o in overrides for arg in ("--set", o.format(tmp=tmp_path))]
-    res = subprocess.run([sys.executable, "-m", "distill", "plan", "--config", str(cfg), "--nproc", str(nproc), *sets],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
-                         check=False)
+    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, write_training_files(tmp_path / "data"))
+    res = subprocess.run([sys.executable, "train_ddp.py", "--config", str(cfg), "--dry-run", "--set",
+                          "model.teacher_dim=50"], capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 2, res.stdout + res.stderr
     errors = [line for line in res.stderr.splitlines() if "Traceback" in line or line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: "), res.stderr  # one line, no traceback
-    assert message.format(tmp=tmp_path, student=tiny_student_dir, teacher=tiny_teacher_dir) in errors[0]
+    assert errors == [f"error: model.teacher_dim is 50 but {tiny_teacher_dir} outputs 48-d embeddings"], res.stderr
     assert not (tmp_path / "out").exists()

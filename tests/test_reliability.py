@@ -291,7 +291,8 @@ def test_second_run_on_the_same_run_folder_fails_naming_the_holder(tmp_path, tin
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("{}\n")
     args = ["--config", str(cfg), *OVERRIDES, "--overwrite"]
-    with RunLock.acquire(run_dir) as lock:
+    lock = RunLock.acquire(run_dir)
+    try:
         assert lock.path == tmp_path / "out" / f".{EXPERIMENT}.lock"
         if launcher == "python":
             res = subprocess.run([sys.executable, "train_ddp.py", *args], check=False, cwd=REPO_ROOT, env=_env(),
@@ -310,8 +311,9 @@ def test_second_run_on_the_same_run_folder_fails_naming_the_holder(tmp_path, tin
         assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl"]
         with pytest.raises(DistillError, match=f"in use by pid {os.getpid()}"):
             RunLock(run_dir).take()
-    with RunLock.acquire(run_dir):  # released: the next run gets it
-        pass
+    finally:
+        lock.release()
+    RunLock.acquire(run_dir).release()  # released: the next run gets it
 
 
 def test_resume_with_changed_config_is_an_error(tmp_path, tiny_teacher_dir, tiny_student_dir, files):
@@ -345,3 +347,37 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_step(tmp_path, tiny_tea
     assert "optimizer step skipped" in res.stderr
     run_dir = tmp_path / "out" / EXPERIMENT
     assert not (run_dir / "final").exists()
+
+
+def _phase1_done(checkpoints: Path) -> bool:
+    """Whether the phase-1-end checkpoint is in place (folders appear whole: they are renamed in when complete)."""
+    for folder in checkpoints.glob("phase1-*"):
+        try:
+            if json.loads((folder / "state.json").read_text())["state"]["phase_done"]:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def test_kill_between_phases_then_rerun_gives_the_uninterrupted_weights(tmp_path, tiny_teacher_dir, tiny_student_dir,
+                                                                       files, uninterrupted):
+    """Killed after the phase-1-end checkpoint and before phase 2's first one (the window that holds the whole phase-2
+    teacher fill), a rerun ends with the uninterrupted run's weights, bit for bit (the phase-end RNG is restored)."""
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    run_dir = tmp_path / "out" / EXPERIMENT
+    proc = _popen(cfg)
+    try:
+        end = time.time() + 300
+        while not _phase1_done(run_dir / "checkpoints"):
+            assert proc.poll() is None and time.time() < end, "training ended or stalled before phase 1 ended"
+            time.sleep(0.02)
+    finally:
+        _kill_all(proc)
+    assert not list((run_dir / "checkpoints").glob("phase2-*")), "killed too late: phase 2 had checkpointed"
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *OVERRIDES], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = load_file(str(run_dir / "phase2" / "model.safetensors"))
+    theirs = load_file(str(uninterrupted / "phase2" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -212,30 +212,25 @@ def test_head_only_steps_leave_the_student_untouched(tmp_path, tiny_teacher_dir,
     assert_loss_falls(records)  # the head alone still learns
 
 
-def test_phase2_only_config_starts_from_another_experiments_phase1(tmp_path, tiny_teacher_dir, tiny_student_dir,
-                                                                   data_files):
-    """The spec's use case 3 under 2-rank torchrun: phase 1 of one experiment, then a phase2_only config (its own
-    experiment name) that finds that phase-1 result and starts from it."""
-    cfg = tiny_config_yaml(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files)
-    args = ["--set", "phase1.num_epochs=1", "--set", "eval.data=null"]
-    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, timeout=600,
-                       args=["--config", str(cfg), "--set", "training.skip_phase2=true", *args])
-    assert res.returncode == 0, res.stderr[-3000:]
-    phase1_path = tmp_path / "out" / "distilled-model-48d-tiny" / "phase1" / "model.safetensors"
+def test_phase2_only_config_starts_from_another_experiments_phase1(projection_run):
+    """The spec's use case 3 under 2-rank torchrun: after the two-rank run above, a phase2_only config (its own
+    experiment name, same output_dir) finds that run's phase-1 result and starts phase 2 from it."""
+    run_dir, _ = projection_run
+    phase1_path = run_dir / "phase1" / "model.safetensors"
     phase1 = load_file(str(phase1_path))
-    phase2_only = tmp_path / "phase2_only.yaml"
-    phase2_only.write_text(cfg.read_text())
+    phase2_only = run_dir.parent.parent / "phase2_only.yaml"
+    phase2_only.write_text((run_dir.parent.parent / "tiny.yaml").read_text())
     res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, timeout=600,
-                       args=["--config", str(phase2_only), "--set", "training.skip_phase1=true",
-                             "--set", "phase2.learning_rate=1.0e-12", *args])
+                       args=["--config", str(phase2_only), "--set", "training.skip_phase1=true", "--set",
+                             "phase2.learning_rate=1.0e-12", "--set", "phase2.num_epochs=1", "--set", "eval.data=null"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"phase 2 starts from the phase-1 weights in {phase1_path}" in res.stderr
-    run_dir = tmp_path / "out" / "distilled-model-48d-phase2_only"
-    final = load_file(str(run_dir / "phase2" / "model.safetensors"))
+    new_dir = run_dir.parent / "distilled-model-48d-phase2_only"
+    final = load_file(str(new_dir / "phase2" / "model.safetensors"))
     assert final.keys() == phase1.keys()
     assert all(torch.allclose(final[k], phase1[k], atol=1e-6) for k in phase1)
-    assert json.loads((run_dir / "DONE").read_text()) == {"phases": [2]}
-    assert phase1_path.is_file()  # the phase-1 experiment is untouched
+    assert json.loads((new_dir / "DONE").read_text()) == {"phases": [2]}
+    assert load_file(str(phase1_path)).keys() == phase1.keys()  # the phase-1 experiment is untouched
 
 
 def test_find_phase1_picks_the_only_result_or_asks(tmp_path) -> None:
