@@ -316,7 +316,7 @@ class Trainer:
         together. Each is wrapped in DDP once, when first needed."""
         kind = "head" if run.state.step < run.head_only_steps else "full"
         if kind not in self._wrapped:
-            self._wrapped[kind] = _HeadOnly(self.model, self._wrap(_HeadModule(self.model.head))) if kind == "head" \
+            self._wrapped[kind] = _HeadOnly(self.model, self._wrap(self.model.head)) if kind == "head" \
                 else self._wrap(self.model)
         return self._wrapped[kind]
 
@@ -523,17 +523,6 @@ class Trainer:
 
 
 
-class _HeadModule(nn.Module):
-    """The projection head as a module of tensors (so DDP can wrap the head alone)."""
-
-    def __init__(self, head: nn.Sequential):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head({"sentence_embedding": x})["sentence_embedding"]
-
-
 class _HeadOnly:
     """Head-only training step: the student embeds without a graph, the (DDP-wrapped) head learns on top."""
 
@@ -543,7 +532,7 @@ class _HeadOnly:
     def __call__(self, chunks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         with torch.no_grad():
             feats = torch.cat([self.model.student_embedding(c) for c in chunks])
-        return self.head(feats)
+        return self.head({"sentence_embedding": feats})["sentence_embedding"]
 
     def no_sync(self):
         return self.head.no_sync()
