@@ -288,11 +288,16 @@ class CheckpointManager:
     def save(self, name: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              scaler: Any | None, state: TrainState, config: dict[str, Any]) -> None:
         """Checkpoint ``name`` with every rank's RNG state (collective)."""
-        rng = D.all_gather_object(capture_rng())
+        rng, error = D.all_gather_object(capture_rng()), None
         if D.is_main():
-            save_checkpoint(self.ckpt_dir, name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            rng_states=rng, state=state, config=config, keep_last=self.keep_last)
-        D.barrier()
+            try:
+                save_checkpoint(self.ckpt_dir, name, model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, rng_states=rng, state=state, config=config, keep_last=self.keep_last)
+            except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its zip writer
+                error = (f"{self.ckpt_dir / name}: cannot write the checkpoint (disk full, read-only or no "
+                         f"permission?): {type(e).__name__}: {e}").splitlines()[0]
+        if (error := D.broadcast_object(error)) is not None:  # every rank stops, the previous checkpoints stay
+            raise CheckpointError(error)
 
     def phase_weights(self, phase: int) -> Path:
         return self.run_dir / f"phase{phase}" / "model.safetensors"

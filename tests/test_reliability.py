@@ -381,3 +381,34 @@ def test_kill_between_phases_then_rerun_gives_the_uninterrupted_weights(tmp_path
     theirs = load_file(str(uninterrupted / "phase2" / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_failed_checkpoint_write_is_one_line_with_the_path_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A full disk surfaces from torch.save as the zip writer's RuntimeError: the run stops with one CheckpointError
+    naming the checkpoint folder and saying what is likely wrong; the checkpoint before it stays loadable."""
+    from distill.checkpoint import CheckpointManager, TrainState, load_latest
+    from distill.errors import CheckpointError
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    manager = CheckpointManager(tmp_path / "run", keep_last=2)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": None, "config": {"model": {}}}
+    manager.save("phase1-step00000002", state=TrainState(phase=1, step=2), **parts)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed\nmore detail")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as err:
+        manager.save("phase1-step00000004", state=TrainState(phase=1, step=4), **parts)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'run' / 'checkpoints' / 'phase1-step00000004'}: cannot write the "
+                              "checkpoint (disk full, read-only or no permission?): RuntimeError: [enforce fail")
+    assert "\n" not in message
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_latest(tmp_path / "run" / "checkpoints").path.name == "phase1-step00000002"
