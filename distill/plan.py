@@ -30,6 +30,7 @@ KNOWN_SHAPES = {
     "sentence-transformers/all-MiniLM-L6-v2": (384, 6, 12, 1536, 30522, False),
 }
 SAMPLED_TEXTS = 2000  # texts per role whose lengths the plan reads
+_OFFSET_POSITIONS = ("mpnet", "roberta", "xlm-roberta")  # position ids start after the padding index
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def check_before_cost(cfg: Config) -> None:
     dims from their files, the eval folder, and that every output folder can be written. Raises one-line errors."""
     from distill.data import preflight
     from distill.evaluate import read_beir
+    from distill.models import _read_model_file
 
     preflight(cfg.data, cfg.phases, cfg.phase2.num_negatives)
     for role, dim in (("student", cfg.model.student_dim), ("teacher", cfg.model.teacher_dim)):
@@ -223,6 +225,12 @@ def check_before_cost(cfg: Config) -> None:
         real = output_dim(name)
         if real is not None and real != dim:
             raise ConfigError(f"model.{role}_dim is {dim} but {name} outputs {real}-d embeddings")
+    if Path(cfg.model.teacher).is_dir():  # a Hub teacher's config may not be readable here
+        conf = _read_model_file(cfg.model.teacher, "config.json", None) or {}
+        length = cfg.model.teacher_max_length or max(cfg.phase(p).max_length for p in cfg.phases)
+        limit = conf.get("max_position_embeddings", length) - (2 if conf.get("model_type") in _OFFSET_POSITIONS else 0)
+        if length > limit:
+            raise ConfigError(f"model.teacher_max_length: {length} tokens exceed {cfg.model.teacher}'s {limit} positions")
     if cfg.eval.data:
         read_beir(cfg.eval.data, cfg.eval.split)
     _check_writable("paths.output_dir", Path(cfg.paths.output_dir))

@@ -104,6 +104,7 @@ def test_load_phase_data_default_folder_and_bad_phase(tmp_path: Path, monkeypatc
     (["paths.output_dir={tmp}/a_file/out"], 1, "paths.output_dir: {tmp}/a_file/out cannot be written"),
     (["training.save_to_artifacts=true", "paths.artifacts_dir={tmp}/a_file"], 1, "paths.artifacts_dir: {tmp}/a_file"),
     ([], 64, "phase1: only 192 training examples, but one global batch needs 512 (batch_size 8 x 64 ranks)"),
+    (["model.teacher_max_length=600"], 1, "model.teacher_max_length: 600 tokens exceed {teacher}'s 512 positions"),
 ])
 def test_dry_run_refuses_what_training_would_fail_on(tmp_path: Path, tiny_teacher_dir, tiny_student_dir, overrides,
                                                      nproc, message, monkeypatch) -> None:
