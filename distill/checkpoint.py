@@ -34,7 +34,6 @@ from distill.manifest import MANIFEST, ManifestError, verify_manifest, write_man
 
 log = logging.getLogger(__name__)
 
-COMPLETE = MANIFEST  # the file written last: a checkpoint folder without a valid one is incomplete
 # Parts every checkpoint has (scaler.pt only with fp16).
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 DONE_MARKER = "DONE"  # in the run folder: the phases a finished run trained and exported

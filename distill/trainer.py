@@ -170,8 +170,8 @@ class Trainer:
             self.model.load_state_dict(resume.model_state)
             if resume.state.phase_done:  # the next phase starts where the uninterrupted run would: same RNG streams
                 self._restore_rng(resume)
-            if resume.state.phase == 1 and resume.state.phase_done:
-                log.info("phase 2 starts from the phase-1 weights in %s", resume.path)
+                if resume.state.phase == 1:
+                    log.info("phase 2 starts from the phase-1 weights in %s", resume.path)
         elif self.cfg.phases == [2]:
             t = self.cfg.training
             path = self.checkpoints.find_phase1(Path(self.cfg.paths.output_dir), self.cfg.model_name, t.phase1_from)

@@ -186,7 +186,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_teacher_dir
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted):
-    from distill.checkpoint import COMPLETE, load_latest
+    from distill.checkpoint import MANIFEST, load_latest
 
     ckpts = tmp_path / "ckpts"
     shutil.copytree(uninterrupted / "checkpoints", ckpts)
@@ -196,7 +196,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     (newest / "model.safetensors").write_bytes(b"\0" * 100)  # truncated / garbage
     loaded = load_latest(ckpts)
     assert loaded is not None and loaded.path.name == names[0]
-    (ckpts / names[0] / COMPLETE).unlink()  # an incomplete one is skipped too
+    (ckpts / names[0] / MANIFEST).unlink()  # an incomplete one is skipped too
     assert load_latest(ckpts) is None
 
 
