@@ -5,7 +5,8 @@ A checkpoint ``{run_dir}/checkpoints/phase{p}-step{s:08d}/`` holds ``model.safet
 stands, the resolved config); ``MANIFEST.json`` (size and sha256 of each, :mod:`distill.manifest`) is written last.
 Rank 0 writes into ``.tmp-<name>/``, renames it into place, then prunes beyond ``keep_last``: a kill or a full disk
 never corrupts the last good checkpoint. Loading verifies the manifest before reading; :func:`load_latest` skips,
-with one warning line each, any checkpoint that is incomplete, corrupt or does not load.
+with one warning line each, any checkpoint that is incomplete, corrupt or does not load. ``--resume-from`` names the
+checkpoint instead (never a fallback); ``{run_dir}/best`` holds the best evaluated state (``eval.select_best``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from distill import distributed as D
 from distill.atomic import fresh_tmp_dir, replace_dir, write_json_atomic
 from distill.errors import CheckpointError, DistillError
+from distill.export import save_model_atomic
 from distill.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,12 @@ log = logging.getLogger(__name__)
 # Parts every checkpoint has (scaler.pt only with fp16).
 REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 DONE_MARKER = "DONE"  # in the run folder: the phases a finished run trained and exported
+BEST_JSON = "best.json"  # in {run_dir}/best (eval.select_best): which evaluation it is, its score and results
 # Keys that may change between a run and its resume without changing what is trained.
 RESUME_TOLERANT = {("training", k) for k in ("save_steps", "keep_last", "logging_steps", "dist_timeout_s",
                                              "num_threads", "precision", "cpu_tuning", "skip_phase1", "skip_phase2",
-                                             "save_to_artifacts")}
+                                             "save_to_artifacts", "report_to", "push_to_hub", "hub_model_id",
+                                             "hub_private")}
 
 
 @dataclass
@@ -182,6 +186,31 @@ def load_latest(root: Path) -> LoadedCheckpoint | None:
     return None
 
 
+def check_resume_path(path: str | Path | None) -> Path | None:
+    """``--resume-from PATH``: ``path`` if it is a complete checkpoint folder (None if None), else a one-line
+    CheckpointError naming it (cheap: its files are verified against the manifest when it is loaded)."""
+    if path is None:
+        return None
+    if not (path := Path(path)).is_dir():
+        raise CheckpointError(f"--resume-from {path}: no such checkpoint folder")
+    if not (path / MANIFEST).is_file():
+        inside = [p.name for p in list_checkpoints(path / "checkpoints")]
+        hint = f"; its checkpoints: {', '.join(inside)}" if inside else ""
+        raise CheckpointError(f"--resume-from {path}: not a complete checkpoint folder (no {MANIFEST}){hint}")
+    return path
+
+
+def load_model_state(model: torch.nn.Module, ckpt: LoadedCheckpoint) -> None:
+    """``ckpt``'s weights into ``model``; a checkpoint of another model shape is a one-line CheckpointError."""
+    mine, theirs = model.state_dict(), ckpt.model_state
+    bad = sorted(k for k in mine.keys() | theirs.keys() if k not in mine or k not in theirs
+                 or mine[k].shape != theirs[k].shape)
+    if bad:
+        raise CheckpointError(f"{ckpt.path}: a checkpoint of another model shape ({len(bad)} tensors differ, e.g. "
+                              f"{bad[0]}); resume from a checkpoint of this model")
+    model.load_state_dict(theirs)
+
+
 def capture_rng() -> dict[str, torch.Tensor]:
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -263,14 +292,28 @@ class CheckpointManager:
         self.ckpt_dir = run_dir / "checkpoints"
         self.keep_last = keep_last
 
-    def resume_point(self, config: dict[str, Any], *, allow_config_change: bool = False) -> LoadedCheckpoint | None:
+    def resume_point(self, config: dict[str, Any], *, allow_config_change: bool = False,
+                     named: str | Path | None = None) -> LoadedCheckpoint | None:
         """The checkpoint to resume from, or None to start afresh (collective: rank 0 chooses, every rank loads it).
 
-        Raises :class:`CheckpointError` when the config changed in a way that would change the result.
+        ``named`` (``--resume-from``): that checkpoint folder (of this run folder or of another run of the same
+        model) instead of the newest; one that is missing, not a checkpoint or fails its manifest is an error, never
+        a fallback, and this run folder's later checkpoints are set aside (:meth:`set_aside_after`). Raises
+        :class:`CheckpointError` (on every rank) for those and when the config changed in a way that would change the
+        result.
         """
-        ckpt = load_latest(self.ckpt_dir) if D.is_main() else None
-        path = D.broadcast_object(str(ckpt.path) if ckpt else None)
+        ckpt, error = None, None
+        if D.is_main():
+            try:
+                ckpt = load_checkpoint(check_resume_path(named)) if named else load_latest(self.ckpt_dir)
+            except CheckpointError as e:
+                error = str(e) if str(e).startswith("--resume-from") else f"--resume-from {e}"
+        path, error = D.broadcast_object((str(ckpt.path) if ckpt else None, error))
+        if error is not None:
+            raise CheckpointError(error)
         if path is None:
+            if D.is_main():  # a best/ left by a run that is not continued must not become this run's final model
+                self.set_aside([self.best_dir], "a new run starts in this folder")
             return None
         if ckpt is None:
             ckpt = load_checkpoint(Path(path))
@@ -282,7 +325,76 @@ class CheckpointManager:
             )
         if D.is_main():
             truncate_metrics(self.run_dir / "metrics.jsonl", ckpt.state.phase, ckpt.state.step)
+            if named:
+                self.set_aside_after(ckpt)
         return ckpt
+
+    def set_aside_after(self, ckpt: LoadedCheckpoint) -> None:
+        """``--resume-from`` (rank 0): this run folder's checkpoints after ``ckpt`` (by phase and step) and a best/
+        evaluated after it move to ``{run_dir}/superseded/``: the resumed run numbers its steps as the uninterrupted
+        run would, and an automatic resume after a crash continues it, not the abandoned steps."""
+        later = [p for p in list_checkpoints(self.ckpt_dir) if p.name >= ckpt.path.name
+                 and p.resolve() != ckpt.path.resolve()]
+        best = self.read_best()
+        if best and (int(best["phase"].removeprefix("phase")), best["step"]) > (ckpt.state.phase, ckpt.state.step):
+            later.append(self.best_dir)
+        self.set_aside(later, f"the run resumes from {ckpt.path.name}")
+
+    def set_aside(self, paths: list[Path], why: str) -> None:
+        """Move the existing ``paths`` into ``{run_dir}/superseded/`` (replacing older ones of the same name)."""
+        paths = [p for p in paths if p.exists()]
+        aside = self.run_dir / "superseded"
+        for p in paths:
+            aside.mkdir(exist_ok=True)
+            shutil.rmtree(aside / p.name, ignore_errors=True)
+            os.replace(p, aside / p.name)
+        if paths:
+            log.warning("moved %s to %s: %s", ", ".join(p.name for p in paths), aside, why)
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "best"
+
+    def read_best(self) -> dict[str, Any] | None:
+        """``best/best.json``: the best evaluation so far (metric, score, phase, step, results), or None."""
+        try:
+            return json.loads((self.best_dir / BEST_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def offer_best(self, cfg: Any, results: dict[str, Any], phase: str, step: int, export: Callable[[], Any]) -> None:
+        """``eval.select_best`` (rank 0, no collectives): when ``results`` score higher than the best so far (its
+        results rescored, so a changed metric compares like with like), save ``export()`` to ``best/`` atomically,
+        with ``best.json`` inside."""
+        from distill.evaluate import BestMetric
+
+        select, best = BestMetric.from_config(cfg), self.read_best()
+        if select is None or (best is not None and not select.score(results) > select.score(best["results"])):
+            return
+        record = {"metric": select.text, "score": select.score(results), "phase": phase, "step": step}
+        save_model_atomic(export(), self.best_dir, extra_files={BEST_JSON: json.dumps({**record, "results": results})})
+        log.info("eval.select_best: new best %s %.4f at %s step %d, saved to %s", select.text, record["score"], phase,
+                 step, self.best_dir)
+
+    def final_model(self, cfg: Any, export: Callable[[], Any],
+                    results: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+        """(model, its eval results, best record) for the final export (rank 0): with ``eval.select_best`` the best
+        evaluated state, loaded from ``best/``, and its record (metric, score, phase, step); else ``export()``."""
+        from distill.evaluate import BestMetric
+
+        select, best = BestMetric.from_config(cfg), self.read_best()
+        if select is None or best is None:
+            if select is not None:
+                log.warning("eval.select_best: nothing saved in %s; the final model is the last step", self.best_dir)
+            return export(), results, None
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(self.best_dir), device="cpu", trust_remote_code=cfg.model.trust_remote_code)
+        results = best.pop("results")
+        best.update(metric=select.text, score=select.score(results))
+        log.info("final model: the best evaluated state by %s (%.4f), %s step %d, not the last step", select.text,
+                 best["score"], best["phase"], best["step"])
+        return model, results, best
 
     def save(self, name: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              scaler: Any | None, state: TrainState, config: dict[str, Any]) -> None:

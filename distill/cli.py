@@ -1,9 +1,10 @@
 """The one command line of the project: ``python -m distill COMMAND`` (installed as ``distill``).
 
-    python -m distill train --config configs/default.yaml [--set SECTION.KEY=VALUE] [--overwrite]
+    python -m distill train --config configs/default.yaml [--set SECTION.KEY=VALUE] [--overwrite] [--resume-from P]
     python -m distill plan --config configs/default.yaml            # = train --dry-run: validate, print the plan
     python -m distill cache --config configs/default.yaml [--dry-run]  # fill (or count) the teacher cache
-    python -m distill evaluate --model PATH --data BEIR_FOLDER [--teacher ID] [--dims 768,256,64]
+    python -m distill evaluate --model PATH --data BEIR_FOLDER_OR_HUB_ID [--teacher ID] [--dims 768,256,64]
+    python -m distill evaluate --model PATH --mteb-tasks NFCorpus,SciFact   # MTEB (pip install 'distill[mteb]')
     torchrun --nproc-per-node=8 -m distill train --config configs/default.yaml   # any command under torchrun
 
 ``train_ddp.py`` is ``train`` with its own program name (:func:`train_main`). Every command shares the logging
@@ -82,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from distill.trainer import run
 
-    out = run(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    out = run(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change, resume_from=args.resume_from)
     if _is_rank0():
         print(f"model: {out}")
     return 0
@@ -129,8 +130,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     results, out_dir = evaluate_model(args.model, args.data, teacher=args.teacher, dims=parse_dims(args.dims),
                                       split=args.split, batch_size=args.batch_size, out=args.out,
-                                      trust_remote_code=args.trust_remote_code)
-    print(report.format_eval_table(results))
+                                      trust_remote_code=args.trust_remote_code,
+                                      mteb_tasks=[t.strip() for t in (args.mteb_tasks or "").split(",") if t.strip()])
+    if results.get("rows"):
+        print(report.format_eval_table(results))
+    if results.get("mteb"):
+        print(report.format_mteb_table(results["mteb"]))
     print(f"\nwrote {out_dir / 'eval.json'} and {out_dir / 'report.md'}")
     return 0
 
@@ -165,6 +170,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="validate and print the plan (with --nproc / --gpu); load no weights, train nothing")
     _add_plan_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="retrain an experiment that already finished")
+    p.add_argument("--resume-from", default=None, metavar="PATH",
+                   help="resume from this checkpoint folder ({run}/checkpoints/phase{P}-step{S}, or another run's of "
+                   "the same model) instead of the newest; this run folder's later checkpoints move to superseded/")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume from a checkpoint even though the config changed since it was written")
     p.set_defaults(func=_train)
@@ -177,7 +185,9 @@ def _add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="student folder (sentence-transformers format)")
-    p.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+    p.add_argument("--data", default=None, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/{split}.tsv) or a "
+                   "Hub dataset in BEIR layout (mteb/scifact, BeIR/scifact, zeta-alpha-ai/NanoSciFact)")
+    p.add_argument("--mteb-tasks", default=None, help="comma-separated MTEB tasks, e.g. NFCorpus,SciFact (needs mteb)")
     p.add_argument("--teacher", default=None, help="teacher hub id or folder (adds reference and drop-in rows)")
     p.add_argument("--dims", default=None, help="comma-separated student dims to evaluate, e.g. 768,256,64")
     p.add_argument("--split", default="test")
@@ -199,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
          _add_plan_arguments),
         ("cache", "fill the teacher embedding cache ahead of training (also under torchrun)", _config_parent,
          _add_cache_arguments),
-        ("evaluate", "retrieval metrics of a student (and its teacher) on a BEIR folder", _logging_parent,
+        ("evaluate", "retrieval metrics of a student (and its teacher) on a BEIR set, and MTEB", _logging_parent,
          _add_evaluate_arguments),
     )
     for name, summary, parent, add_arguments in commands:
@@ -218,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """``train_ddp.py --config X [--set ...] [--dry-run] [--overwrite] [--allow-config-change]``: ``train``."""
+    """``train_ddp.py --config X [--set ...] [--dry-run] [--overwrite] [--resume-from PATH] [--allow-config-change]``:
+    ``train``."""
     p = argparse.ArgumentParser(
         prog="train_ddp.py", parents=[_config_parent()],
         description="Distill a large embedding teacher into a small student (run under torchrun for DDP).",

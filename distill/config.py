@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,12 +179,27 @@ class TrainingConfig:
     # phase-2-only runs (skip_phase1): the phase-1 result to start from: an experiment name in output_dir, a run
     # folder or a model.safetensors; null: this experiment's own, else the only phase-1 result of the same model
     phase1_from: str | None = None
+    # experiment trackers (rank 0) beside metrics.jsonl, which is always written; each needs its pip extra
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["none"])
+    # rank 0 uploads the final folder (model + card) to this Hub model repo at the end; token: HF_TOKEN or the login
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # "user-or-org/name"; required with push_to_hub
+    hub_private: bool = True  # a repo created by the push is private
 
     def validate(self) -> None:
         if self.skip_phase1 and self.skip_phase2:
             raise ConfigError("training: skip_phase1 and skip_phase2 are both true, nothing would be trained")
+        if "none" in self.report_to and len(set(self.report_to)) > 1:
+            raise ConfigError(f"training.report_to: 'none' cannot be combined with trackers, got {self.report_to}")
         _positive(self, "save_steps", "seed", section="training", allow_zero=True)
         _positive(self, "keep_last", "logging_steps", "max_nonfinite_steps", "dist_timeout_s", section="training")
+        if self.push_to_hub:
+            if not self.hub_model_id or not re.fullmatch(r"([\w.-]+/)?[\w.-]{1,96}", self.hub_model_id):
+                raise ConfigError(f"training.hub_model_id: push_to_hub needs a Hub repo id 'user-or-org/name', "
+                                  f"got {self.hub_model_id!r}")
+            if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+                raise ConfigError("training.push_to_hub: HF_HUB_OFFLINE is set, so the upload at the end would fail; "
+                                  "unset HF_HUB_OFFLINE or set training.push_to_hub: false")
 
 
 @dataclass
@@ -257,15 +275,29 @@ class CacheConfig:
 
 @dataclass
 class EvalConfig:
-    data: str | None = None  # a BEIR folder; None disables evaluation during training
+    data: str | None = None  # a BEIR folder or a Hub dataset in BEIR layout (mteb/scifact); None: no evaluation
     split: str = "test"
     every_n_steps: int = 0  # 0: only at the end of each phase
     batch_size: int = 64
     dims: list[int] | None = None  # MRL dims to report (None: model.matryoshka_dims in MRL mode)
+    mteb_tasks: list[str] | None = None  # MTEB tasks run on the final model by rank 0 (the mteb pip extra)
+    # [SETTING[@DIM]/]METRIC, e.g. ndcg@10 or student->teacher/ndcg@10: the final model is the best-scoring evaluated
+    # state (saved to {run_dir}/best when it is evaluated), not the last step; None: the last step
+    select_best: str | None = None
 
     def validate(self) -> None:
         _positive(self, "every_n_steps", section="eval", allow_zero=True)
         _positive(self, "batch_size", section="eval")
+        if self.select_best is not None and not self.data:
+            raise ConfigError("eval.select_best needs eval.data: the evaluations it selects the final model by")
+        if self.mteb_tasks:
+            check_mteb("eval.mteb_tasks")
+
+
+def check_mteb(key: str) -> None:
+    """A one-line ConfigError naming ``key`` when the ``mteb`` package is not importable."""
+    if sys.modules.get("mteb") is None and importlib.util.find_spec("mteb") is None:
+        raise ConfigError(f"{key}: MTEB tasks need the mteb package; pip install 'distill[mteb]' (or mteb)")
 
 
 @dataclass
@@ -286,6 +318,10 @@ class Config:
         _check_name(self.config_name, "the config file's name (the experiment is {model_name}-{config name})")
         for section in (self.model, self.phase1, self.phase2, self.training, self.data, self.cache, self.eval):
             section.validate()
+        if self.eval.select_best is not None:
+            from distill.evaluate import BestMetric  # torch and pytrec_eval: imported only when the key is set
+
+            BestMetric.from_config(self)
 
     @property
     def model_name(self) -> str:

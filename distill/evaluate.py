@@ -4,6 +4,7 @@ Recall@10/100 (``pytrec_eval``) per setting, with retention against the teacher.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import sys
@@ -99,6 +100,17 @@ def _read_qrels(path: Path, queries_path: Path, query_ids: Container[str]) -> Qr
     return qrels
 
 
+def _beir_data(corpus: dict[str, str], queries: dict[str, str], qrels: Qrels, where: str) -> BeirData:
+    """The split, its queries cut to those with qrels; judged ids missing from the corpus or queries are logged."""
+    if not qrels:
+        raise DataError(f"{where}: no qrels")
+    judged = {d for docs in qrels.values() for d in docs}
+    for what, ids, known in (("corpus", judged, corpus), ("query", qrels.keys(), queries)):
+        if missing := len(ids - known.keys()):
+            logger.warning("%s: %d judged %s-ids are not in the %s set", where, missing, what, what)
+    return BeirData(corpus=corpus, queries={q: t for q, t in queries.items() if q in qrels}, qrels=qrels)
+
+
 def read_beir(folder: str | Path, split: str = "test") -> BeirData:
     """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{split}.tsv``; only queries with qrels are kept."""
     folder = Path(folder)
@@ -107,14 +119,95 @@ def read_beir(folder: str | Path, split: str = "test") -> BeirData:
     corpus = _read_jsonl(folder / "corpus.jsonl", ("title", "text"))
     queries = _read_jsonl(folder / "queries.jsonl", ("text",))
     qrels_path = folder / "qrels" / f"{split}.tsv"
-    qrels = _read_qrels(qrels_path, folder / "queries.jsonl", queries)
-    if not qrels:
-        raise DataError(f"{qrels_path}: no qrels")
-    missing_docs = {d for judged in qrels.values() for d in judged} - corpus.keys()
-    if missing_docs:
-        logger.warning("%s: %d judged corpus-ids are not in corpus.jsonl", qrels_path, len(missing_docs))
-    queries = {qid: text for qid, text in queries.items() if qid in qrels}
-    return BeirData(corpus=corpus, queries=queries, qrels=qrels)
+    return _beir_data(corpus, queries, _read_qrels(qrels_path, folder / "queries.jsonl", queries), str(qrels_path))
+
+
+def _hub(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` of ``datasets``; any failure (offline and not cached, unknown id, auth) is one line."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - network, missing config or split, auth: all reported the same way
+        raise DataError(f"eval.data {name}: cannot load ({type(err).__name__}: {' '.join(str(err).split())})") from None
+
+
+def hub_parts(data: str, split: str = "test") -> dict[str, tuple[str, str | None, str]]:
+    """``{"corpus" | "queries" | "qrels": (dataset, config, split)}`` of a BEIR set in the Hub layout, from config and
+    split names only (nothing downloaded): configs ``corpus`` and ``queries``; the qrels in config ``qrels``
+    (NanoBEIR), else ``default`` (MTEB), else the dataset ``{data}-qrels`` (BeIR). Each part's split is ``split``,
+    else one named after the part (``corpus``, ``queries``), else its only split (NanoBEIR's ``train``)."""
+    import datasets
+
+    data = data.rstrip("/")
+    configs = _hub(data, datasets.get_dataset_config_names, data)
+    if not {"corpus", "queries"} <= set(configs):
+        raise DataError(f"eval.data {data}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/{split}.tsv) nor "
+                        f"a dataset with configs corpus and queries (it has {', '.join(configs) or 'none'})")
+    qrels = next(((data, c) for c in ("qrels", "default") if c in configs), (f"{data}-qrels", None))
+    parts = {}
+    for role, (name, config) in {"corpus": (data, "corpus"), "queries": (data, "queries"), "qrels": qrels}.items():
+        names = _hub(name, datasets.get_dataset_split_names, name, config)
+        chosen = next((s for s in (split, role) if s in names), names[0] if len(names) == 1 else None)
+        if chosen is None:
+            raise DataError(f"eval.split: {name} ({config or 'default'}) has no split {split!r} (it has "
+                            f"{', '.join(names)})")
+        if role == "qrels" and chosen != split:
+            logger.warning("eval.data %s: no qrels split %r, using its only split %r", name, split, chosen)
+        parts[role] = (name, config, chosen)
+    return parts
+
+
+def _hub_columns(table: Any, where: str, needed: Sequence[str]) -> dict[str, list[Any]]:
+    """The columns of a loaded split, as lists; a missing needed column is a DataError naming the part."""
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)} (it has {', '.join(table.column_names)})")
+    return table.to_dict()
+
+
+def read_hub_beir(data: str, split: str = "test") -> BeirData:
+    """A BEIR set in the Hub layout (see :func:`hub_parts`), a Hub id or a local copy, read with ``datasets``: corpus
+    ``_id, title, text`` (title optional), queries ``_id, text``, qrels ``query-id, corpus-id[, score]`` (score 1
+    when absent; a list of corpus-ids is read as one qrel each)."""
+    import datasets
+
+    tables = {role: (_hub(name, datasets.load_dataset, name, config, split=s), f"eval.data {name} ({config}, {s})")
+              for role, (name, config, s) in hub_parts(data, split).items()}
+    texts = {}
+    for role in ("corpus", "queries"):
+        cols = _hub_columns(*tables[role], ("_id", "text"))
+        titles = cols.get("title") or [None] * len(cols["_id"])
+        texts[role] = {str(i): f"{t.strip()} {x or ''}".strip() if t and t.strip() else x or ""
+                       for i, t, x in zip(cols["_id"], titles, cols["text"])}
+    cols = _hub_columns(*tables["qrels"], ("query-id", "corpus-id"))
+    qrels: Qrels = {}
+    for qid, dids, score in zip(cols["query-id"], cols["corpus-id"], cols.get("score") or [1] * len(cols["query-id"])):
+        for did in dids if isinstance(dids, list) else [dids]:
+            qrels.setdefault(str(qid), {})[str(did)] = int(1 if score is None else score)
+    return _beir_data(texts["corpus"], texts["queries"], qrels, tables["qrels"][1])
+
+
+def _is_beir_folder(data: str | Path) -> bool:
+    """A local BEIR folder (``qrels/*.tsv``), or a path that must be one (starts with ``.``, ``/``, ``~``)."""
+    path = Path(data).expanduser()
+    return any((path / "qrels").glob("*.tsv")) or (not path.exists() and str(data).startswith((".", "/", "~")))
+
+
+def load_eval_set(data: str | Path, split: str = "test") -> BeirData:
+    """``eval.data``: a BEIR folder (:func:`read_beir`), else a BEIR set in the Hub layout (:func:`read_hub_beir`),
+    read by rank 0 first (one download) and then by the other ranks (from the cache): a collective under DDP."""
+    if _is_beir_folder(data):
+        return read_beir(data, split)
+    done: list[BeirData] = []
+    run_eval_distributed(lambda: done.append(read_hub_beir(str(data), split)))
+    return done[0] if done else read_hub_beir(str(data), split)
+
+
+def check_eval_set(data: str | Path, split: str = "test") -> None:
+    """The preflight of ``eval.data``: a BEIR folder is read, a Hub-layout set located (:func:`hub_parts`)."""
+    if _is_beir_folder(data):
+        read_beir(data, split)
+    else:
+        hub_parts(str(data), split)
 
 
 @torch.no_grad()
@@ -312,6 +405,47 @@ def evaluate_settings(
     }
 
 
+
+@dataclass(frozen=True)
+class BestMetric:
+    """``eval.select_best``: ``[SETTING[@DIM]/]METRIC``, one number of :func:`evaluate_settings`' rows, e.g.
+    ``ndcg@10`` (student->student at its largest evaluated dim), ``student->teacher/ndcg@10`` (drop-in, projection
+    mode) or ``student->student@256/mrr@10`` (an evaluated MRL dim)."""
+
+    text: str
+    setting: str
+    dim: int | None
+    metric: str
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> BestMetric | None:
+        """``cfg.eval.select_best`` checked against the rows this config's evaluations have; a ConfigError names the
+        key, suggests the closest valid name and lists the valid forms."""
+        text, m = cfg.eval.select_best, cfg.model
+        if text is None:
+            return None
+        dims = cfg.eval.dims or ([m.output_dim] if m.use_projection else m.matryoshka_dims)
+        settings = ["student->student", *(f"student->student@{d}" for d in dims)]
+        settings += ["student->teacher"] if m.use_projection else []
+        valid = [*METRICS, *(f"{s}/{metric}" for s in settings for metric in METRICS)]
+        if text not in valid:
+            close = difflib.get_close_matches(text, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            forms = "student->student[@DIM]/METRIC" + (", student->teacher/METRIC" if m.use_projection else "")
+            raise ConfigError(f"eval.select_best: {text!r} is not an evaluated metric; {hint}valid: METRIC, {forms} "
+                              f"with METRIC one of {', '.join(METRICS)} and DIM one of {', '.join(map(str, dims))}")
+        setting, _, metric = text.rpartition("/")
+        setting, _, dim = (setting or "student->student").partition("@")
+        return cls(text, setting, int(dim) if dim else None, metric)
+
+    def score(self, results: Mapping[str, Any]) -> float:
+        """This metric in ``results`` (an :func:`evaluate_settings` dict); without a dim, the largest dim's row."""
+        rows = [r for r in results["rows"] if r["setting"] == self.setting and self.dim in (None, r["dim"])]
+        if not rows:
+            raise DistillError(f"eval.select_best: no {self.setting} row in the evaluation results")
+        return float(max(rows, key=lambda r: r["dim"])["metrics"][self.metric])
+
+
 def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` on rank 0, its result on every rank (an error: re-raised on rank 0, a DistillError on
     the others). ``fn`` must not call collectives (encode with the unwrapped module, not the DDP wrapper)."""
@@ -331,13 +465,19 @@ def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return value
 
 
-def _student_encoder(path: str, batch_size: int, trust_remote_code: bool, device: str) -> EncodeFn:
-    """Queries via ``encode_query`` and documents via ``encode_document`` so prompts saved with the model apply."""
+def _load_student(path: str, trust_remote_code: bool, device: str) -> Any:
     from sentence_transformers import SentenceTransformer
 
     if not Path(path).exists():
         raise ConfigError(f"--model {path}: folder not found")
-    model = SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
+    return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
+
+
+def _student_encoder(model: Any, batch_size: int, trust_remote_code: bool = False, device: str = "cpu") -> EncodeFn:
+    """Queries via ``encode_query`` and documents via ``encode_document`` so prompts saved with the model apply;
+    ``model``: a SentenceTransformer or its folder."""
+    if isinstance(model, (str, Path)):
+        model = _load_student(str(model), trust_remote_code, device)
 
     def encode(texts: list[str], role: str) -> torch.Tensor:
         method = model.encode_query if role == "query" else model.encode_document
@@ -346,9 +486,35 @@ def _student_encoder(path: str, batch_size: int, trust_remote_code: bool, device
     return encode
 
 
+def run_mteb(model: Any, tasks: Sequence[str], batch_size: int, keep_going: bool = False) -> list[dict[str, Any]]:
+    """The MTEB ``tasks`` on ``model`` (a SentenceTransformer) through ``mteb.evaluate``, without mteb's result cache
+    (a retrained model must not be scored from an old file): ``[{"task", "main_score", "scores"}]``. A failure is a
+    one-line DistillError, or with ``keep_going`` logged and returned as ``[{"error": message}]``."""
+    try:
+        import mteb
+
+        found = mteb.get_tasks(tasks=list(tasks))
+        unknown = sorted(set(tasks) - {t.metadata.name for t in found})
+        if unknown:
+            raise ConfigError(f"eval.mteb_tasks: unknown MTEB task(s) {', '.join(unknown)}")
+        result = mteb.evaluate(model, found, encode_kwargs={"batch_size": batch_size}, cache=None)
+        rows = [{"task": r.task_name, "main_score": float(r.get_score()), "scores": r.scores}
+                for r in result.task_results]
+    except Exception as err:  # noqa: BLE001 - mteb's own errors (downloads, tasks) become one line
+        error = err if isinstance(err, DistillError) else \
+            DistillError(f"MTEB evaluation failed ({type(err).__name__}: {' '.join(str(err).split())})")
+        if not keep_going:
+            raise error from None
+        logger.error("%s", error)
+        return [{"error": str(error)}]
+    for row in rows:
+        logger.info("MTEB %s: main score %.4f", row["task"], row["main_score"])
+    return rows
+
+
 def evaluate_model(
     model: str,
-    data: str,
+    data: str | None = None,
     *,
     teacher: str | None = None,
     dims: Sequence[int] | None = None,
@@ -356,17 +522,24 @@ def evaluate_model(
     batch_size: int = 64,
     out: str | None = None,
     trust_remote_code: bool = False,
+    mteb_tasks: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """``python -m distill evaluate``: write ``eval.json`` and the report of ``model`` (and ``teacher``) on ``data``
-    into ``out`` (default: the model folder); returns the results and that folder."""
+    """``python -m distill evaluate``: write ``eval.json`` and the report of ``model`` (and ``teacher``) on the eval
+    set ``data`` (:func:`load_eval_set`) and/or the MTEB ``mteb_tasks`` into ``out`` (default: the model folder);
+    returns the results and that folder."""
     from distill import report
+    from distill.config import check_mteb
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    beir = read_beir(data, split)
+    if not data and (teacher or not mteb_tasks):
+        raise ConfigError("evaluate needs --data (a BEIR folder or Hub dataset; also for --teacher) or --mteb-tasks")
+    if mteb_tasks:
+        check_mteb("--mteb-tasks")
+    beir = load_eval_set(data, split) if data else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher_emb = None
-    if teacher:
+    if teacher and beir is not None:
         from distill.models import TeacherEncoder, resolve_teacher_spec
 
         encoder = TeacherEncoder(resolve_teacher_spec(teacher, trust_remote_code=trust_remote_code), device)
@@ -375,9 +548,14 @@ def evaluate_model(
         )
         del encoder  # free the teacher before the student loads
         torch.cuda.empty_cache()
-    student = _student_encoder(model, batch_size, trust_remote_code, str(device))
-    results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, student, teacher_emb, dims)
-    results.update(model=str(model), data=str(data), split=split, teacher=teacher)
+    student = _load_student(model, trust_remote_code, str(device))
+    results: dict[str, Any] = {}
+    if beir is not None:
+        encode = _student_encoder(student, batch_size)
+        results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, encode, teacher_emb, dims)
+    if mteb_tasks:
+        results["mteb"] = run_mteb(student, mteb_tasks, batch_size)
+    results.update(model=str(model), data=data and str(data), split=split, teacher=teacher)
     out_dir = Path(out or model)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

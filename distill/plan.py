@@ -214,11 +214,14 @@ def _check_writable(key: str, path: Path) -> None:
 
 def check_before_cost(cfg: Config) -> None:
     """Everything knowable without loading a model, checked in seconds: local data (first rows), the models' output
-    dims from their files, the eval folder, and that every output folder can be written. Raises one-line errors."""
+    dims from their files, the eval folder, the trackers' packages and that every output folder can be written.
+    Raises one-line errors."""
     from distill.data import preflight
-    from distill.evaluate import read_beir
+    from distill.evaluate import check_eval_set
     from distill.models import _read_model_file
+    from distill.tracking import check_installed
 
+    check_installed(cfg.training.report_to)
     preflight(cfg.data, cfg.phases, cfg.phase2.num_negatives)
     for role, dim in (("student", cfg.model.student_dim), ("teacher", cfg.model.teacher_dim)):
         name = getattr(cfg.model, role)
@@ -232,7 +235,7 @@ def check_before_cost(cfg: Config) -> None:
         if length > limit:
             raise ConfigError(f"model.teacher_max_length: {length} tokens exceed {cfg.model.teacher}'s {limit} positions")
     if cfg.eval.data:
-        read_beir(cfg.eval.data, cfg.eval.split)
+        check_eval_set(cfg.eval.data, cfg.eval.split)
     _check_writable("paths.output_dir", Path(cfg.paths.output_dir))
     _check_writable("paths.cache_dir", cfg.cache_root)
     if cfg.training.save_to_artifacts:

@@ -1,4 +1,5 @@
-"""Metrics logging (JSON lines, optional TensorBoard), plots and the human report. Records, one JSON object a line:
+"""Metrics logging (JSON lines, and the ``training.report_to`` trackers of distill/tracking.py), plots and the human
+report. Records, one JSON object a line:
 ``{"event": "train", "phase", "step", "epoch", "loss", "terms": {name: value}, "lr", "samples_per_s", "elapsed_s"}``
 and ``{"event": "eval", "phase", "step", "results": <evaluate_settings dict>}``. Only rank 0 owns a MetricsLogger.
 """
@@ -20,6 +21,9 @@ import yaml
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+    from distill.config import Config
+    from distill.tracking import Tracker
+
 from distill.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -34,15 +38,6 @@ def _dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v), indent=indent)
 
 
-def _load_summary_writer() -> type | None:
-    """``torch.utils.tensorboard.SummaryWriter`` when the ``tensorboard`` package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -52,7 +47,7 @@ def _numbers(prefix: str, values: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """TensorBoard ``{tag: value}``: ``{event}/{phase}/{key}``, ``.../terms/{term}``, ``.../{setting}@{dim}/{metric}``
+    """Tracker ``{tag: value}``: ``{event}/{phase}/{key}``, ``.../terms/{term}``, ``.../{setting}@{dim}/{metric}``
     and ``.../mean_cosine/{part}``."""
     prefix = f"{record.get('event', 'event')}/{record.get('phase', 'all')}"
     out = _numbers(prefix, {k: v for k, v in record.items() if k not in ("step", "epoch")})
@@ -65,9 +60,9 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 class MetricsLogger(AbstractContextManager):
-    """Append records to a JSON-lines file (flushed per line) and, if available, to TensorBoard."""
+    """Append records to a JSON-lines file (flushed per line) and their scalars to ``trackers``."""
 
-    def __init__(self, jsonl_path: str | Path, tensorboard_dir: str | Path | None = None) -> None:
+    def __init__(self, jsonl_path: str | Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = Path(jsonl_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = self.path.read_bytes() if self.path.is_file() else b""
@@ -76,28 +71,31 @@ class MetricsLogger(AbstractContextManager):
             os.truncate(self.path, keep)
             logger.warning("%s: dropped a partial last line (%d bytes)", self.path, len(data) - keep)
         self._file = self.path.open("a", encoding="utf-8")
-        self._writer = None
-        if tensorboard_dir is not None:
-            writer_cls = _load_summary_writer()
-            if writer_cls is None:
-                logger.info("tensorboard is not installed: metrics go to %s only", self.path)
-            else:
-                self._writer = writer_cls(log_dir=str(tensorboard_dir))
+        self._trackers = list(trackers)
+
+    @classmethod
+    def for_run(cls, cfg: Config, run_dir: Path) -> MetricsLogger:
+        """``{run_dir}/metrics.jsonl`` plus the trackers of ``cfg.training.report_to`` (run name: the experiment)."""
+        from distill.tracking import open_trackers
+
+        trackers = open_trackers(cfg.training.report_to, run_dir, cfg.experiment, cfg.to_dict())
+        return cls(run_dir / "metrics.jsonl", trackers)
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Write ``record`` as one JSON line (and its scalars to TensorBoard at ``record["step"]``)."""
-        self._file.write(_dumps(dict(record)) + "\n")
+        """Write ``record`` as one JSON line and its scalars (read back from that line) to every tracker at
+        ``record["step"]``."""
+        line = _dumps(dict(record))
+        self._file.write(line + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for tag, value in record_scalars(record).items():
-                self._writer.add_scalar(tag, value, int(record.get("step", 0)))
-            self._writer.flush()
+        scalars = record_scalars(json.loads(line)) if self._trackers else {}
+        for tracker in self._trackers:
+            tracker.log(scalars, int(record.get("step", 0)), str(record.get("phase", "all")))
 
     def close(self) -> None:
+        """Close the file and the trackers (idempotent)."""
         self._file.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        while self._trackers:
+            self._trackers.pop(0).close()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -283,6 +281,12 @@ def format_eval_table(eval_results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_mteb_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown table of the MTEB tasks' main scores (or the error that stopped the MTEB run)."""
+    cells = [[r.get("task", "-"), r["error"] if "error" in r else _fmt(r.get("main_score"))] for r in rows]
+    return "\n".join(_table(["MTEB task", "Main score"], "lr", cells))
+
+
 def write_report(
     out_dir: str | Path,
     eval_results: Mapping[str, Any] | None = None,
@@ -309,11 +313,13 @@ def write_report(
     if extra:
         md += [f"- **{k}**: {v}" for k, v in extra.items()] + [""]
     md += ["## Retrieval evaluation", ""]
-    if eval_results:
+    if eval_results and eval_results.get("rows"):
         counts = f"{eval_results.get('num_queries', '?')} queries, {eval_results.get('num_documents', '?')} documents"
         md += [f"{counts}; mode: {eval_results.get('mode', '?')}.", "", format_eval_table(eval_results), ""]
     else:
         md += ["No evaluation results.", ""]
+    if eval_results and eval_results.get("mteb"):
+        md += ["## MTEB", "", format_mteb_table(eval_results["mteb"]), ""]
     if metrics_jsonl is not None:
         rows = []
         for phase, s in summary.items():

@@ -104,9 +104,9 @@ def _phase_tables(cfg: Config) -> dict[str, tuple[int, dict[str, Sequence[str]]]
         data = load_phase_data(cfg, phase)
         out[f"phase{phase}"] = (cfg.phase(phase).max_length, {"query": data.queries, "document": data.documents})
     if cfg.eval.data:
-        from distill.evaluate import read_beir
+        from distill.evaluate import load_eval_set
 
-        out["eval"] = (cfg.phase2.max_length, _beir_texts(read_beir(cfg.eval.data, cfg.eval.split)))
+        out["eval"] = (cfg.phase2.max_length, _beir_texts(load_eval_set(cfg.eval.data, cfg.eval.split)))
     return out
 
 

@@ -36,12 +36,14 @@ from distill.checkpoint import (
     RunLock,
     TrainState,
     check_artifact,
+    check_resume_path,
+    load_model_state,
     provenance,
     restore_rng,
 )
 from distill.config import Config, dump_config
 from distill.errors import ConfigError, DistillError, Preempted
-from distill.export import build_export_model, copy_tree_atomic, save_model_atomic
+from distill.export import build_export_model, copy_tree_atomic, model_card, push_to_hub, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
 from distill.models import DistillModel, backbone, build_projection_head, check_dims, load_student
 from distill.sampling import LengthGroupedBatchSampler, phase1_lengths, phase2_lengths
@@ -85,13 +87,13 @@ class Trainer:
     """Holds the models, the run folder and the logger across phases."""
 
     def __init__(self, cfg: Config, info: D.DistInfo, *, allow_config_change: bool = False,
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, resume_from: str | None = None):
         self.cfg = cfg
         self.info = info
         self.device = info.device
         self.run_dir = run_dir or cfg.run_dir  # --overwrite trains beside the finished run, swapped in at the end
         self.checkpoints = CheckpointManager(self.run_dir, cfg.training.keep_last)
-        self.allow_config_change = allow_config_change
+        self.allow_config_change, self.resume_from = allow_config_change, resume_from  # --resume-from PATH
         self.metrics = None
         self._stop_requested = False
         self.eval_results: dict[str, Any] | None = None
@@ -162,12 +164,13 @@ class Trainer:
     def run(self) -> Path:
         from distill.report import MetricsLogger
 
-        resume = self.checkpoints.resume_point(self.cfg.to_dict(), allow_config_change=self.allow_config_change)
+        resume = self.checkpoints.resume_point(self.cfg.to_dict(), allow_config_change=self.allow_config_change,
+                                               named=self.resume_from)
         if self.info.is_main:
-            self.metrics = MetricsLogger(self.run_dir / "metrics.jsonl", tensorboard_dir=self.run_dir / "tensorboard")
+            self.metrics = MetricsLogger.for_run(self.cfg, self.run_dir)
         if resume is not None:
             log.info("resuming from %s (phase %d, step %d)", resume.path, resume.state.phase, resume.state.step)
-            self.model.load_state_dict(resume.model_state)
+            load_model_state(self.model, resume)
             if resume.state.phase_done:  # the next phase starts where the uninterrupted run would: same RNG streams
                 self._restore_rng(resume)
                 if resume.state.phase == 1:
@@ -460,10 +463,10 @@ class Trainer:
     def _eval_teacher(self):
         """The eval set and its teacher embeddings, once per run (a collective: every rank helps fill the cache)."""
         if getattr(self, "_eval_cache", None) is None:
-            from distill.evaluate import read_beir
+            from distill.evaluate import load_eval_set
             from distill.teacher_targets import eval_teacher_embeddings
 
-            beir = read_beir(self.cfg.eval.data, self.cfg.eval.split)
+            beir = load_eval_set(self.cfg.eval.data, self.cfg.eval.split)
             self._eval_cache = (beir, eval_teacher_embeddings(self.cfg, beir, self.device))
         return self._eval_cache
 
@@ -491,16 +494,24 @@ class Trainer:
             from distill.report import format_eval_table
 
             log.info("%s step %d evaluation:\n%s", phase_name, step, format_eval_table(self.eval_results))
+            self.checkpoints.offer_best(self.cfg, self.eval_results, phase_name, step, self.export_model)
 
     def finish(self) -> Path:
         final = self.run_dir / "final"
         if self.info.is_main:
-            model = self.export_model()
-            save_model_atomic(model, final, extra_files={"distill_config.yaml": dump_config(self.cfg)})
+            model, self.eval_results, best = self.checkpoints.final_model(self.cfg, self.export_model,
+                                                                          self.eval_results)
+            card = model_card(model, self.cfg, self.data, self.run_dir / "metrics.jsonl")
+            save_model_atomic(model, final, extra_files={"distill_config.yaml": dump_config(self.cfg), "README.md": card})
             summary = {"experiment": self.cfg.experiment, "teacher_forward_passes": self.teacher_forwards,
                        "padding_efficiency": self.padding, "world_size": self.info.world_size,
-                       "provenance": provenance(self.cfg)}
+                       "provenance": provenance(self.cfg), **({"best": best} if best else {})}
             write_json_atomic(final / "distill_summary.json", summary)
+            if self.cfg.eval.mteb_tasks:  # the other ranks wait at the barrier below (training.dist_timeout_s)
+                from distill.evaluate import run_mteb
+
+                self.eval_results = {**(self.eval_results or {}), "mteb": run_mteb(
+                    model, self.cfg.eval.mteb_tasks, self.cfg.eval.batch_size, keep_going=True)}
             if self.metrics is not None:
                 self.metrics.close()
             from distill.report import plot_metrics, write_report
@@ -518,6 +529,8 @@ class Trainer:
                 copy_tree_atomic(final, self.cfg.artifact_dir)
                 log.info("saved the model to %s", self.cfg.artifact_dir)
             log.info("final model: %s", final)
+            if self.cfg.training.push_to_hub:
+                push_to_hub(final, self.cfg.training.hub_model_id, self.cfg.training.hub_private)
         D.barrier()
         return self.cfg.artifact_dir if self.cfg.training.save_to_artifacts else self.cfg.run_dir / "final"
 
@@ -580,10 +593,12 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = False) -> Path:
+def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = False, resume_from: str | None = None
+        ) -> Path:
     """Train ``cfg`` (under torchrun or in one process) and return the final model folder."""
     from distill.plan import check_before_cost
 
+    check_resume_path(resume_from)  # a wrong --resume-from fails at once
     if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce:
         raise ConfigError("phase2.cached_infonce works with training.precision bf16 or fp32, not fp16")
     check_before_cost(cfg)  # before any process group: bad files, dims, folders fail in seconds
@@ -611,7 +626,7 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
         # --overwrite keeps the old run until the new one has finished: it trains in a sibling folder (resumed by the
         # same command after a crash) that replaces the old run at the end
         staging = cfg.run_dir.with_name(f".{cfg.experiment}.overwrite") if overwrite and cfg.run_dir.exists() else None
-        trainer = Trainer(cfg, info, allow_config_change=allow_config_change, run_dir=staging)
+        trainer = Trainer(cfg, info, allow_config_change=allow_config_change, run_dir=staging, resume_from=resume_from)
         trainer.load_data()
         trainer.setup()
         return trainer.run()

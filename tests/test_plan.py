@@ -101,6 +101,7 @@ def test_load_phase_data_default_folder_and_bad_phase(tmp_path: Path, monkeypatc
     (["model.student_dim=64", "model.projection_hidden_dim=128"], 1, "model.student_dim is 64 but {student} outputs 32-d"),
     (["model.teacher_dim=50"], 1, "model.teacher_dim is 50 but {teacher} outputs 48-d"),
     (["eval.data={tmp}/nope"], 1, "{tmp}/nope: BEIR folder not found"),
+    (["eval.data=nobody/no-such-set"], 1, "eval.data nobody/no-such-set: cannot load (ConnectionError: Couldn't reach"),
     (["paths.output_dir={tmp}/a_file/out"], 1, "paths.output_dir: {tmp}/a_file/out cannot be written"),
     (["training.save_to_artifacts=true", "paths.artifacts_dir={tmp}/a_file"], 1, "paths.artifacts_dir: {tmp}/a_file"),
     ([], 64, "phase1: only 192 training examples, but one global batch needs 512 (batch_size 8 x 64 ranks)"),

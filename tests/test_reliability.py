@@ -277,6 +277,29 @@ def test_rerun_after_corrupt_rng_and_token_cache_falls_back_rebuilds_and_matches
     _assert_same_weights(run_dir / "phase2" / "model.safetensors", uninterrupted / "phase2" / "model.safetensors")
 
 
+def test_resume_from_a_named_earlier_checkpoint_gives_the_uninterrupted_run(tmp_path, tiny_teacher_dir,
+                                                                          tiny_student_dir, files, uninterrupted):
+    """A copy of the real run's folder, unfinished again, resumed with --resume-from its older checkpoint (not the
+    newest): the newer one moves to superseded/, and the run ends with the uninterrupted run's weights and log."""
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted.parent, out)
+    run_dir = out / EXPERIMENT
+    for done in ("DONE", "final", "phase2"):
+        shutil.rmtree(run_dir / done) if (run_dir / done).is_dir() else (run_dir / done).unlink()
+    older, newest = sorted((run_dir / "checkpoints").iterdir())
+    assert older.name.startswith("phase2-") and older.name < newest.name
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, timeout=600,
+                       args=["--config", str(cfg), *OVERRIDES, "--resume-from", str(older)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {older} (phase 2, step {int(older.name[-8:])})" in res.stderr
+    assert (run_dir / "superseded" / newest.name / "MANIFEST.json").is_file()
+    _assert_same_weights(run_dir / "phase2" / "model.safetensors", uninterrupted / "phase2" / "model.safetensors")
+    resumed, reference = _phase2_losses(run_dir), _phase2_losses(uninterrupted)
+    assert resumed.keys() == reference.keys()
+    assert all(resumed[s] == pytest.approx(reference[s], abs=1e-5) for s in reference)
+
+
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_second_run_on_the_same_run_folder_fails_naming_the_holder(tmp_path, tiny_teacher_dir, tiny_student_dir,
                                                                      files, launcher):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -78,59 +77,6 @@ def test_logger_appends_flushed_json_lines_with_tensor_values(tmp_path):
         log.log({"event": "train", "phase": "phase2", "step": 9, "loss": 1.0})
     records = report.read_metrics(path)
     assert [r.get("step") for r in records] == [1, 1, 9] and records[-1]["phase"] == "phase2"
-
-
-def test_logger_skips_tensorboard_when_missing(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(report, "_load_summary_writer", lambda: None)
-    with caplog.at_level(logging.INFO, logger="distill.report"):
-        with report.MetricsLogger(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb") as log:
-            log.log({"event": "train", "phase": "phase1", "step": 1, "loss": 1.0})
-            log.log({"event": "train", "phase": "phase1", "step": 2, "loss": 0.9})
-    messages = [r.getMessage() for r in caplog.records if "tensorboard" in r.getMessage()]
-    assert messages == [f"tensorboard is not installed: metrics go to {tmp_path / 'm.jsonl'} only"]
-    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
-
-
-def test_real_tensorboard_import_is_optional(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        assert report._load_summary_writer() is None
-    else:
-        assert report._load_summary_writer() is not None
-    with report.MetricsLogger(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb") as log:
-        log.log({"event": "train", "phase": "phase1", "step": 1, "loss": 1.0})
-
-
-def test_logger_writes_scalars_to_tensorboard_writer(tmp_path, monkeypatch):
-    calls = []
-
-    class FakeWriter:
-        def __init__(self, log_dir):
-            calls.append(("init", log_dir))
-
-        def add_scalar(self, tag, value, step):
-            calls.append((tag, value, step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            calls.append(("close",))
-
-    monkeypatch.setattr(report, "_load_summary_writer", lambda: FakeWriter)
-    with report.MetricsLogger(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb") as log:
-        log.log(train_records()[2])
-        log.log({"event": "eval", "phase": "phase2", "step": 40, "results": eval_results("projection")})
-    assert calls[0] == ("init", str(tmp_path / "tb")) and calls[-1] == ("close",)
-    scalars = {c[0]: (c[1], c[2]) for c in calls[1:-1]}
-    assert scalars["train/phase1/loss"] == (pytest.approx(1 / 3), 3)
-    assert scalars["train/phase1/terms/mse"] == (pytest.approx(0.4 / 3), 3)
-    assert scalars["train/phase1/lr"] == (pytest.approx(2e-5 * 3 / 5), 3)
-    assert scalars["train/phase1/samples_per_s"] == (103.0, 3)
-    assert "train/phase1/epoch" not in scalars and "train/phase1/step" not in scalars
-    assert scalars["eval/phase2/student->teacher@3584/ndcg@10"] == (pytest.approx(0.42), 40)
-    assert scalars["eval/phase2/mean_cosine/all"] == (pytest.approx(0.9), 40)
 
 
 def test_read_metrics_errors(tmp_path):

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_data import tiny_config_yaml, write_training_files
+from tiny_data import tiny_config_yaml, write_hub_beir, write_training_files
 from tiny_models import REPO_ROOT, run_torchrun
 
 from distill.hardware import resolve_precision
+from distill.report import read_metrics, record_scalars
 
 
 def train_single(config: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,9 +59,10 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
     return write_training_files(tmp_path_factory.mktemp("data"))
 
 
-def _ddp_run(tmp: Path, teacher: Path, student: Path, files, use_projection: bool, *args: str) -> tuple[Path, str]:
+def _ddp_run(tmp: Path, teacher: Path, student: Path, files, use_projection: bool, *args: str,
+             env: dict[str, str] | None = None) -> tuple[Path, str]:
     cfg = tiny_config_yaml(tmp, teacher, student, files, use_projection=use_projection)
-    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *args], timeout=600)
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, args=["--config", str(cfg), *args], env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     name = "distilled-model-48d-tiny" if use_projection else "distilled-model-32d-tiny"
     return tmp / "out" / name, res.stdout + res.stderr
@@ -68,13 +70,40 @@ def _ddp_run(tmp: Path, teacher: Path, student: Path, files, use_projection: boo
 
 @pytest.fixture(scope="module")
 def projection_run(tmp_path_factory, tiny_teacher_dir, tiny_student_dir, data_files):
-    return _ddp_run(tmp_path_factory.mktemp("proj"), tiny_teacher_dir, tiny_student_dir, data_files, True,
-                    "--set", "training.cpu_tuning=true")
+    """The projection run; its eval set read in a Hub layout (a local NanoBEIR-style copy) and the MTEB task
+    FakeRetrieval run through the stand-in tests/fake_mteb/mteb.py (calls in {tmp}/mteb_calls.jsonl)."""
+    tmp = tmp_path_factory.mktemp("proj")
+    hub = write_hub_beir(data_files["beir"], tmp / "hub_eval", "nanobeir")
+    env = {"FAKE_MTEB_LOG": str(tmp / "mteb_calls.jsonl"), "PYTHONPATH": os.pathsep.join(
+        [str(REPO_ROOT / "tests" / "fake_mteb"), str(REPO_ROOT), str(REPO_ROOT / "tests")])}
+    return _ddp_run(tmp, tiny_teacher_dir, tiny_student_dir, data_files, True, "--set", "training.cpu_tuning=true",
+                    "--set", f"eval.data={hub}", "--set", "eval.mteb_tasks=[FakeRetrieval]", env=env)
+
+
+# A stand-in wandb package: every call appended to $FAKE_WANDB_LOG as [RANK, call, ...].
+FAKE_WANDB = """import json, os
+def _rec(*call):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps([os.environ.get("RANK"), *call]) + "\\n")
+class _Run:
+    def define_metric(self, name, step_metric=None): _rec("define_metric", name, step_metric)
+    def log(self, data): _rec("log", data)
+    def finish(self): _rec("finish")
+def init(project, name, config, dir): _rec("init", project, name, config["training"]["report_to"]); return _Run()
+"""
 
 
 @pytest.fixture(scope="module")
 def mrl_run(tmp_path_factory, tiny_teacher_dir, tiny_student_dir, data_files):
-    return _ddp_run(tmp_path_factory.mktemp("mrl"), tiny_teacher_dir, tiny_student_dir, data_files, False)
+    """The MRL run, reporting to the stand-in wandb (training.report_to: [wandb]); calls in {tmp}/wandb_calls.jsonl.
+    Its final model is the best evaluated state by eval.select_best (student->student@16/ndcg@10)."""
+    tmp = tmp_path_factory.mktemp("mrl")
+    (tmp / "fakes" / "wandb").mkdir(parents=True)
+    (tmp / "fakes" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    env = {"FAKE_WANDB_LOG": str(tmp / "wandb_calls.jsonl"), "WANDB_PROJECT": "distill-e2e",
+           "PYTHONPATH": os.pathsep.join([str(tmp / "fakes"), str(REPO_ROOT), str(REPO_ROOT / "tests")])}
+    return _ddp_run(tmp, tiny_teacher_dir, tiny_student_dir, data_files, False, "--set", "training.report_to=[wandb]",
+                    "--set", "eval.select_best=student->student@16/ndcg@10", env=env)
 
 
 def test_projection_two_ranks_trains_both_phases(projection_run):
@@ -111,6 +140,20 @@ def test_projection_artifact_encodes_teacher_dim(projection_run):
         assert (run_dir / "final" / f).stat().st_size > 0, f
 
 
+def test_projection_run_evaluates_a_hub_eval_set_and_mteb_on_rank0(projection_run, data_files):
+    """eval.data in a Hub layout gives the folder's rows (24 queries); MTEB ran once, on rank 0, on the final model
+    (48-d: the head included), without mteb's result cache; report.json and report.md carry its result."""
+    run_dir, _ = projection_run
+    report = json.loads((run_dir / "final" / "report.json").read_text())
+    assert report["eval"]["num_queries"] == 24 and report["eval"]["mode"] == "projection"
+    assert report["eval"]["mteb"] == [{"task": "FakeRetrieval", "main_score": 48.0,
+                                       "scores": {"test": [{"main_score": 48.0, "hf_subset": "default"}]}}]
+    calls = [json.loads(x) for x in (run_dir.parent.parent / "mteb_calls.jsonl").read_text().splitlines()]
+    assert calls == [{"tasks": ["FakeRetrieval"], "model": "SentenceTransformer", "dim": 48,
+                      "encode_kwargs": {"batch_size": 64}, "cache": None, "rank": "0"}]
+    assert "| FakeRetrieval | 48.0000 |" in (run_dir / "final" / "report.md").read_text()
+
+
 def test_teacher_forwards_equal_unique_texts(projection_run, data_files):
     run_dir, _ = projection_run
     summary = json.loads((run_dir / "final" / "distill_summary.json").read_text())
@@ -135,6 +178,82 @@ def test_mrl_two_ranks(mrl_run):
     report = json.loads((run_dir / "final" / "report.json").read_text())
     dims = sorted(r["dim"] for r in report["eval"]["rows"] if r["setting"].startswith("student"))
     assert dims == [8, 16, 32]
+
+
+def test_mrl_run_reports_to_wandb_from_rank0_only(mrl_run):
+    run_dir, _ = mrl_run
+    calls = [json.loads(line) for line in (run_dir.parent.parent / "wandb_calls.jsonl").read_text().splitlines()]
+    assert {c[0] for c in calls} == {"0"}  # rank 1 opens no tracker
+    assert calls[0] == ["0", "init", "distill-e2e", run_dir.name, ["wandb"]] and calls[-1] == ["0", "finish"]
+    records = read_metrics(run_dir / "metrics.jsonl")  # every record's scalars, at its phase's step
+    assert [c[2] for c in calls if c[1] == "log"] == [{**record_scalars(r), f"{r['phase']}/step": r["step"]}
+                                                      for r in records]
+    assert {r["event"] for r in records} == {"train", "eval"} and {r["phase"] for r in records} >= {"phase1", "phase2"}
+    for phase in ("phase1", "phase2"):
+        assert ["0", "define_metric", f"train/{phase}/*", f"{phase}/step"] in calls
+
+
+def test_mrl_run_exports_the_best_evaluated_state(mrl_run):
+    """eval.select_best: the final model is the evaluation with the highest student->student@16 nDCG@10 (the first
+    of equals), named with its score in the log, distill_summary.json and the report, with that state's weights."""
+    run_dir, log = mrl_run
+
+    def score(record: dict) -> float:
+        return next(r["metrics"]["ndcg@10"] for r in record["results"]["rows"] if r["setting"] == "student->student"
+                    and r["dim"] == 16)
+
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["event"] == "eval"]
+    top = max(evals, key=score)
+    best = {"metric": "student->student@16/ndcg@10", "score": score(top), "phase": top["phase"], "step": top["step"]}
+    assert json.loads((run_dir / "final" / "distill_summary.json").read_text())["best"] == best
+    report = json.loads((run_dir / "final" / "report.json").read_text())
+    assert report["extra"]["best"] == best and report["eval"]["rows"] == top["results"]["rows"]
+    assert f"the best evaluated state by {best['metric']} ({best['score']:.4f}), {top['phase']} step {top['step']}" in log
+    trained = load_file(str(run_dir / top["phase"] / "model.safetensors"))  # evaluated at phase ends: those weights
+    backbone = {k.split(".", 3)[3]: v for k, v in trained.items() if k.startswith("student.0.")}  # student.0.model.*
+    final = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert final.keys() == backbone.keys() and all(torch.equal(v, backbone[k]) for k, v in final.items())
+
+
+def model_card(run_dir: Path) -> tuple[dict, str]:
+    """The final folder's README.md: its YAML front matter (parsed) and the whole text."""
+    import yaml
+
+    text = (run_dir / "final" / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1]), text
+
+
+def assert_common_card(run_dir: Path, student: Path, teacher: Path) -> str:
+    from distill.report import format_eval_table
+
+    meta, card = model_card(run_dir)
+    assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"
+    assert "distillation" in meta["tags"] and "base_model" not in meta  # a local student is no Hub base model
+    assert f"- **Student (base model):** `{student}` (32-d)" in card and f"- **Teacher:** `{teacher}` (48-d)" in card
+    assert "- **Phase 1** (embedding distillation): 192 examples from docs-p1 (96 rows)" in card
+    assert "`phase1.mse_weight` 0.4, `phase1.cosine_weight` 0.6" in card
+    assert "7 hard negatives" not in card and "3 hard negatives): 96 examples from docs-p2 (96 rows)" in card
+    assert "`phase2.infonce_weight` 0.8, `phase2.mse_weight` 0.2, `phase2.temperature` 0.02" in card
+    assert "- `phase1.learning_rate`: 0.001" in card and "* Size: 96 training samples" in card
+    report = json.loads((run_dir / "final" / "report.json").read_text())  # the final eval, table by table
+    assert card.index("### After phase 1") < card.index("### After phase 2") < card.index("## Usage")
+    assert format_eval_table(report["eval"]) in card[card.index("### After phase 2"):]
+    return card
+
+
+def test_projection_model_card(projection_run, tiny_student_dir, tiny_teacher_dir):
+    card = assert_common_card(projection_run[0], tiny_student_dir, tiny_teacher_dir)
+    assert "queries embedded by this model can search an index built by the teacher" in card
+    assert "the output is 48-d (`model.teacher_dim`)" in card and "| student->teacher (drop-in) | 48 |" in card
+
+
+def test_mrl_model_card(mrl_run, tiny_student_dir, tiny_teacher_dir):
+    run_dir, _ = mrl_run
+    card = assert_common_card(run_dir, tiny_student_dir, tiny_teacher_dir)
+    assert "matryoshka" in model_card(run_dir)[0]["tags"] and "Matryoshka (MRL)" in card and "for D in 32, 16, 8" in card
+    assert f'SentenceTransformer("{run_dir / "final"}", truncate_dim=8)' in card
+    assert "`model.matryoshka_dims` [32, 16, 8]" in card and "| student->student | 8 |" in card
 
 
 def test_skip_phase1_reuses_phase1_result(tmp_path, tiny_teacher_dir, tiny_student_dir, data_files):

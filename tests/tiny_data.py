@@ -112,3 +112,44 @@ eval:
     path = tmp / "tiny.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def write_hub_beir(beir: Path, out: Path, layout: str = "mteb") -> Path:
+    """The BEIR folder ``beir`` (as written above) in a Hub layout that ``datasets.load_dataset(str(out), config)``
+    reads: ``mteb`` (README configs default = qrels/{split}.jsonl, corpus, queries as JSONL), ``nanobeir`` (Parquet
+    configs corpus, queries, qrels without score, split train) or ``beir`` (configs corpus and queries, the qrels in
+    the sibling folder ``{out}-qrels`` as {split}.tsv files without a README)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus, queries = ([json.loads(x) for x in (beir / f"{f}.jsonl").read_text().splitlines()]
+                       for f in ("corpus", "queries"))
+    tsv = sorted((beir / "qrels").glob("*.tsv"))
+    qrels = {p.stem: [dict(zip(("query-id", "corpus-id", "score"), line.split("\t")))
+                      for line in p.read_text().splitlines()[1:]] for p in tsv}
+    out.mkdir(parents=True)
+    if layout == "nanobeir":
+        rows = {"corpus": corpus, "queries": queries,
+                "qrels": [{k: r[k] for k in ("query-id", "corpus-id")} for rs in qrels.values() for r in rs]}
+        for config, table in rows.items():
+            (out / config).mkdir()
+            pq.write_table(pa.Table.from_pylist(table), out / config / "train-00000-of-00001.parquet")
+        configs = {c: [("train", f"{c}/train-*")] for c in rows}
+    else:
+        for name, table in (("corpus", corpus), ("queries", queries)):
+            (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table), encoding="utf-8")
+        configs = {c: [(c, f"{c}.jsonl")] for c in ("corpus", "queries")}
+        if layout == "mteb":
+            (out / "qrels").mkdir()
+            for split, rs in qrels.items():
+                (out / "qrels" / f"{split}.jsonl").write_text("".join(
+                    json.dumps({**r, "score": float(r["score"])}) + "\n" for r in rs), encoding="utf-8")
+            configs = {"default": [(s, f"qrels/{s}.jsonl") for s in qrels], **configs}
+        else:
+            (out.parent / f"{out.name}-qrels").mkdir()
+            for p in tsv:
+                (out.parent / f"{out.name}-qrels" / p.name).write_bytes(p.read_bytes())
+    (out / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n" + "".join(f"  - split: {s}\n    path: {f}\n" for s, f in files)
+        for c, files in configs.items()) + "---\n", encoding="utf-8")
+    return out
