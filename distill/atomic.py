@@ -18,11 +18,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file + fsync + rename."""
     tmp = path.with_name(f".tmp-{path.name}")
@@ -40,7 +35,8 @@ def replace_dir(tmp: Path, final: Path) -> Path:
     """
     for p in tmp.rglob("*"):
         if p.is_file():
-            fsync_file(p)
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
     fsync_dir(tmp)
     old = final.with_name(f".old-{final.name}")
     if final.exists():

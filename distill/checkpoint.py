@@ -289,7 +289,7 @@ class CheckpointManager:
 
     def __init__(self, run_dir: Path, keep_last: int):
         self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir, self.best_dir = run_dir / "checkpoints", run_dir / "best"
         self.keep_last = keep_last
 
     def resume_point(self, config: dict[str, Any], *, allow_config_change: bool = False,
@@ -298,9 +298,10 @@ class CheckpointManager:
 
         ``named`` (``--resume-from``): that checkpoint folder (of this run folder or of another run of the same
         model) instead of the newest; one that is missing, not a checkpoint or fails its manifest is an error, never
-        a fallback, and this run folder's later checkpoints are set aside (:meth:`set_aside_after`). Raises
-        :class:`CheckpointError` (on every rank) for those and when the config changed in a way that would change the
-        result.
+        a fallback. This run folder's checkpoints after it (by phase and step) and a best/ evaluated after it move to
+        ``{run_dir}/superseded/``: the resumed run numbers its steps as the uninterrupted run would, and an automatic
+        resume after a crash continues it, not the abandoned steps. Raises :class:`CheckpointError` (on every rank)
+        for those and when the config changed in a way that would change the result.
         """
         ckpt, error = None, None
         if D.is_main():
@@ -326,19 +327,13 @@ class CheckpointManager:
         if D.is_main():
             truncate_metrics(self.run_dir / "metrics.jsonl", ckpt.state.phase, ckpt.state.step)
             if named:
-                self.set_aside_after(ckpt)
+                later = [p for p in list_checkpoints(self.ckpt_dir) if p.name >= ckpt.path.name
+                         and p.resolve() != ckpt.path.resolve()]
+                best = self.read_best()
+                if best and (best["phase"], best["step"]) > (f"phase{ckpt.state.phase}", ckpt.state.step):
+                    later.append(self.best_dir)
+                self.set_aside(later, f"the run resumes from {ckpt.path.name}")
         return ckpt
-
-    def set_aside_after(self, ckpt: LoadedCheckpoint) -> None:
-        """``--resume-from`` (rank 0): this run folder's checkpoints after ``ckpt`` (by phase and step) and a best/
-        evaluated after it move to ``{run_dir}/superseded/``: the resumed run numbers its steps as the uninterrupted
-        run would, and an automatic resume after a crash continues it, not the abandoned steps."""
-        later = [p for p in list_checkpoints(self.ckpt_dir) if p.name >= ckpt.path.name
-                 and p.resolve() != ckpt.path.resolve()]
-        best = self.read_best()
-        if best and (int(best["phase"].removeprefix("phase")), best["step"]) > (ckpt.state.phase, ckpt.state.step):
-            later.append(self.best_dir)
-        self.set_aside(later, f"the run resumes from {ckpt.path.name}")
 
     def set_aside(self, paths: list[Path], why: str) -> None:
         """Move the existing ``paths`` into ``{run_dir}/superseded/`` (replacing older ones of the same name)."""
@@ -350,10 +345,6 @@ class CheckpointManager:
             os.replace(p, aside / p.name)
         if paths:
             log.warning("moved %s to %s: %s", ", ".join(p.name for p in paths), aside, why)
-
-    @property
-    def best_dir(self) -> Path:
-        return self.run_dir / "best"
 
     def read_best(self) -> dict[str, Any] | None:
         """``best/best.json``: the best evaluation so far (metric, score, phase, step, results), or None."""
@@ -489,16 +480,7 @@ class RunLock:
         ends.
         """
         lock = cls(run_dir)
-        error = None
-        if D.is_main():
-            try:
-                lock.take()
-            except DistillError as e:
-                error = str(e)
-        error = D.broadcast_object(error)
-        if error is not None:
-            lock.release()
-            raise DistillError(error)
+        D.on_main(lock.take, "cannot lock the run folder", keep=(DistillError,))
         return lock
 
     def take(self) -> None:

@@ -63,7 +63,6 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-
 def _load(args: argparse.Namespace) -> Any:
     from distill.config import load_config
 
@@ -138,7 +137,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(report.format_mteb_table(results["mteb"]))
     print(f"\nwrote {out_dir / 'eval.json'} and {out_dir / 'report.md'}")
     return 0
-
 
 
 def _logging_parent() -> argparse.ArgumentParser:

@@ -116,12 +116,13 @@ class PhaseCommon:
 @dataclass
 class Phase1Config(PhaseCommon):
     cosine_weight: float = 0.6
+    similarity_weight: float = 0.0  # projection mode: in-batch similarity-matrix term (keeps the student's ranking)
     max_samples_per_dataset: int | None = 100000
     head_only_fraction: float = 0.1  # projection mode: the first 10% of steps train the head alone (LP-FT)
 
     def validate(self, section: str = "phase1") -> None:
         super().validate(section)
-        _positive(self, "cosine_weight", section=section, allow_zero=True)
+        _positive(self, "cosine_weight", "similarity_weight", section=section, allow_zero=True)
         if self.mse_weight + self.cosine_weight <= 0:
             raise ConfigError("phase1: mse_weight + cosine_weight must be > 0 (the loss would be 0)")
         if self.max_samples_per_dataset is not None:
@@ -294,9 +295,14 @@ class EvalConfig:
             check_mteb("eval.mteb_tasks")
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (a stand-in in ``sys.modules`` counts, a None entry there blocks it)."""
+    return sys.modules.get(module) is not None or importlib.util.find_spec(module) is not None
+
+
 def check_mteb(key: str) -> None:
     """A one-line ConfigError naming ``key`` when the ``mteb`` package is not importable."""
-    if sys.modules.get("mteb") is None and importlib.util.find_spec("mteb") is None:
+    if not installed("mteb"):
         raise ConfigError(f"{key}: MTEB tasks need the mteb package; pip install 'distill[mteb]' (or mteb)")
 
 

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 
-from distill.distributed import barrier, broadcast_object, get_info
-from distill.errors import ConfigError, DataError, DistillError
+from distill.distributed import get_info, on_main
+from distill.errors import ConfigError, DataError
 from distill.manifest import ManifestError, verify_manifest, write_manifest
 
 if TYPE_CHECKING:  # only for annotations; any object with the same attributes works
@@ -58,9 +58,6 @@ _TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
 _TOKEN_FEATURES = datasets.Features(
     {"input_ids": datasets.List(datasets.Value("int32")), "length": datasets.Value("int64")}
 )
-
-
-# ---- Public containers ----
 
 
 @dataclass
@@ -135,9 +132,6 @@ class TokenizedTable:
     def input_ids(self, rows: Sequence[int] | np.ndarray) -> list[list[int]]:
         """Unpadded token ids of ``rows`` in the given order."""
         return self.dataset[[int(r) for r in rows]]["input_ids"]
-
-
-# ---- Reading sources ----
 
 
 class _BadRow(Exception):
@@ -285,8 +279,6 @@ def _open_part(part: _Part) -> tuple[list[str] | None, Iterator[_Row]]:
     return list(columns), ((f"{part.label} row {index}", row) for index, row in rows)
 
 
-# ---- Row -> texts ----
-
 # Which columns a row is read from: ``(column, role)`` pairs. Phase 2 lists the query, then the positive, then the
 # negative columns.
 _Plan = list[tuple[str, int]]
@@ -362,9 +354,6 @@ def _phase2_texts(plan: _Plan, row: dict[str, Any], num_negatives: int) -> tuple
             break
         negatives.extend(_texts(row[column], column, num_negatives - len(negatives)))
     return query, positive[0], negatives
-
-
-# ---- Preparation ----
 
 
 def _intern(ids: dict[str, int], text: str) -> int:
@@ -523,9 +512,6 @@ def _prepare_phase2(
     return list(queries), list(documents), examples, reports
 
 
-# ---- Prepared folders: rank 0 writes, every rank reads ----
-
-
 def _digest(payload: Any) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -570,26 +556,8 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
 
 
 def _main_prepares(prepare: Callable[[], Path]) -> Path:
-    """Rank 0 runs ``prepare`` (returning a folder); every rank then gets the folder or rank 0's error.
-
-    The outcome is broadcast before the barrier, so a rank-0 failure raises on every rank instead of a hang.
-    """
-    outcome: Path | DistillError | None = None
-    error: Exception | None = None
-    if get_info().rank == 0:
-        try:
-            outcome = prepare()
-        except Exception as err:  # noqa: BLE001 - any rank-0 failure must reach the other ranks
-            error = err
-            failed = f"rank 0 failed while preparing data: {type(err).__name__}: {_one_line(err)}"
-            outcome = err if isinstance(err, DataError) else DistillError(failed)
-    outcome = broadcast_object(outcome)
-    barrier()
-    if error is not None:
-        raise error
-    if isinstance(outcome, DistillError):
-        raise outcome
-    return outcome
+    """Rank 0 runs ``prepare`` (returning a folder); every rank then gets the folder or rank 0's error."""
+    return on_main(prepare, "rank 0 failed while preparing data", keep=(DataError,))
 
 
 def _load_phase(phase: str, data: Any, sources: list[Any], params: dict[str, Any], work_dir: str | Path,
@@ -669,9 +637,6 @@ def load_phase_data(cfg: Config, phase: int, work_dir: str | Path | None = None)
     raise ConfigError(f"phase must be 1 or 2, got {phase!r}")
 
 
-# ---- Tokenization (once, cached) ----
-
-
 def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: str | Path) -> TokenizedTable:
     """Tokenize every row of ``table`` once (truncated, unpadded) into ``work_dir/tokens-<key>``, written by rank 0
     and loaded memory-mapped by every rank; a folder whose ``MANIFEST.json`` does not verify is rebuilt (one warning).
@@ -724,9 +689,6 @@ def tokenize_table(table: TextTable, tokenizer: Any, max_length: int, work_dir: 
     except (OSError, ValueError) as err:
         raise DataError(f"{ready}: tokenized data is unreadable ({_one_line(err)}); delete the folder") from None
     return TokenizedTable(dataset=dataset, lengths=lengths)
-
-
-# ---- Preflight: cheap checks every rank runs before any process group exists ----
 
 
 def preflight(data: Any, phases: Sequence[int], num_negatives: int) -> None:

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from distill.errors import DistillError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj if _INFO.rank == src else None]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def on_main(fn: Callable[[], T], failed: str, keep: tuple[type[Exception], ...] = ()) -> T:
+    """``fn()`` run by rank 0 alone, its result returned on every rank (collective; ``fn`` must call no collective).
+    If it raises, rank 0 re-raises the error and every other rank raises it too when it is one of ``keep``, else a
+    one-line DistillError ``{failed}: {type}: {message}``: a rank-0 failure stops every rank instead of a hang."""
+    outcome: tuple[bool, Any] = (True, None)
+    error: Exception | None = None
+    if is_main():
+        try:
+            outcome = (True, fn())
+        except Exception as e:  # noqa: BLE001 - any rank-0 failure must reach the other ranks
+            error = e
+            message = f"{failed}: {type(e).__name__}: {' '.join(str(e).split())}"
+            outcome = (False, e if isinstance(e, keep) else DistillError(message))
+    ok, value = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -405,7 +405,6 @@ def evaluate_settings(
     }
 
 
-
 @dataclass(frozen=True)
 class BestMetric:
     """``eval.select_best``: ``[SETTING[@DIM]/]METRIC``, one number of :func:`evaluate_settings`' rows, e.g.
@@ -449,20 +448,7 @@ class BestMetric:
 def run_eval_distributed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` on rank 0, its result on every rank (an error: re-raised on rank 0, a DistillError on
     the others). ``fn`` must not call collectives (encode with the unwrapped module, not the DDP wrapper)."""
-    payload: tuple[str, Any] | None = None
-    error: BaseException | None = None
-    if distributed.is_main():
-        try:
-            payload = ("ok", fn(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
-            error = exc
-            payload = ("error", f"{type(exc).__name__}: {exc}")
-    status, value = distributed.broadcast_object(payload)
-    if error is not None:
-        raise error
-    if status == "error":
-        raise DistillError(f"evaluation failed on rank 0: {value}")
-    return value
+    return distributed.on_main(lambda: fn(*args, **kwargs), "evaluation failed on rank 0")
 
 
 def _load_student(path: str, trust_remote_code: bool, device: str) -> Any:
@@ -473,15 +459,17 @@ def _load_student(path: str, trust_remote_code: bool, device: str) -> Any:
     return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
 
 
-def _student_encoder(model: Any, batch_size: int, trust_remote_code: bool = False, device: str = "cpu") -> EncodeFn:
+def _student_encoder(model: Any, batch_size: int, trust_remote_code: bool = False, device: str = "cpu",
+                     to_cpu: bool = False) -> EncodeFn:
     """Queries via ``encode_query`` and documents via ``encode_document`` so prompts saved with the model apply;
-    ``model``: a SentenceTransformer or its folder."""
+    ``model``: a SentenceTransformer or its folder; embeddings on the model's device, or the CPU with ``to_cpu``."""
     if isinstance(model, (str, Path)):
         model = _load_student(str(model), trust_remote_code, device)
 
     def encode(texts: list[str], role: str) -> torch.Tensor:
         method = model.encode_query if role == "query" else model.encode_document
-        return method(texts, batch_size=batch_size, convert_to_tensor=True).float()
+        out = method(texts, batch_size=batch_size, convert_to_tensor=True).float()
+        return out.cpu() if to_cpu else out
 
     return encode
 
@@ -551,8 +539,8 @@ def evaluate_model(
     student = _load_student(model, trust_remote_code, str(device))
     results: dict[str, Any] = {}
     if beir is not None:
-        encode = _student_encoder(student, batch_size)
-        results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, encode, teacher_emb, dims)
+        results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, _student_encoder(student, batch_size),
+                                    teacher_emb, dims)
     if mteb_tasks:
         results["mteb"] = run_mteb(student, mteb_tasks, batch_size)
     results.update(model=str(model), data=data and str(data), split=split, teacher=teacher)

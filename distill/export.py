@@ -67,7 +67,7 @@ def phase_loss(cfg: Config, phase: int) -> tuple[str, dict[str, Any]]:
     m, p = cfg.model, cfg.phase(phase)
     if phase == 1:
         name = "EmbeddingMSECosineLoss" if m.use_projection else "MatryoshkaSimilarityLoss"
-        keys = ["mse_weight", "cosine_weight"]
+        keys = ["mse_weight", "cosine_weight"] + (["similarity_weight"] if m.use_projection else [])
     else:
         name = "RetrievalDistillLoss"
         keys = ["infonce_weight", "mse_weight", "temperature", "num_negatives", "gather_across_ranks"]
@@ -173,8 +173,7 @@ def model_card(model, cfg: Config, data: Mapping[int, Any], metrics_jsonl: Path 
         text = generate_model_card(model)
     except Exception as e:  # noqa: BLE001 - sentence-transformers' template is not ours: the run must not fail
         log.warning("sentence-transformers could not render the model card (%s); writing a plain one", type(e).__name__)
-        front = {"base_model": card.base_model, "library_name": "sentence-transformers",
-                 "pipeline_tag": "sentence-similarity", "tags": card.tags}
+        front = {k: getattr(card, k) for k in ("base_model", "library_name", "pipeline_tag", "tags")}
         text = f"---\n{yaml.safe_dump({k: v for k, v in front.items() if v}, sort_keys=False)}---\n\n# {cfg.model_name}\n"
     head, usage, tail = text.partition("\n## Usage\n")
     return f"{head}\n{ours}{usage}{tail}" if usage else f"{text}\n{ours}"

@@ -163,7 +163,6 @@ def apply_cpu_tuning(student: nn.Module, device: torch.device) -> bool:
     return True
 
 
-
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX; Arm's BF16 extension)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

@@ -25,7 +25,6 @@ Role = Literal["query", "document"]
 _POOLING_FROM_ST = {"lasttoken": "last_token", "mean": "mean", "cls": "cls"}
 
 
-
 @dataclass(frozen=True)
 class TeacherSpec:
     """Everything that determines the teacher's vectors; resolved from the model's own files without loading weights."""
@@ -247,7 +246,6 @@ class TeacherEncoder:
                 emb = nn.functional.normalize(emb, dim=-1)
             out[idx] = emb.cpu()
         return out
-
 
 
 def _attn_kwargs(attn_implementation: str) -> dict[str, str]:

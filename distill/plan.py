@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Config
-from distill.errors import ConfigError, DataError, DistillError
+from distill.errors import ConfigError, DistillError
 
 # Dense bf16 tensor-core peaks (FLOP/s) and memory from the vendors' datasheets.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -97,10 +97,11 @@ def _mean_tokens(texts: Any, cap: int) -> tuple[float, float]:
 
 
 def _phase_plan(cfg: Config, phase: int, world: int) -> PhasePlan:
+    from distill.data import load_phase_data
+    from distill.sampling import check_enough
+
     pcfg = cfg.phase(phase)
     try:
-        from distill.data import load_phase_data
-
         with tempfile.TemporaryDirectory() as tmp:
             d = load_phase_data(cfg, phase, tmp)
             examples, nq, nd = len(d.examples), len(d.queries), len(d.documents)
@@ -120,9 +121,8 @@ def _phase_plan(cfg: Config, phase: int, world: int) -> PhasePlan:
         note = (f"not readable here ({e}); assumed: the caps' row counts, {q_tokens} tokens per query, {d_tokens} per "
                 f"document, longest {longest}" + ("" if phase == 1 else ", 2 unique documents per example"))
     global_batch = pcfg.batch_size * world
-    if examples is not None and note.startswith("read") and examples < global_batch:
-        raise DataError(f"phase{phase}: only {examples} training examples, but one global batch needs {global_batch} "
-                        f"(batch_size {pcfg.batch_size} x {world} ranks)")
+    if examples is not None and note.startswith("read"):
+        check_enough(examples, pcfg.batch_size, world, f"phase{phase}")
     steps = warmup = None
     if examples:
         steps = math.ceil(examples // global_batch / pcfg.gradient_accumulation_steps) * pcfg.num_epochs

@@ -26,6 +26,13 @@ import numpy as np
 from distill.errors import DataError
 
 
+def check_enough(examples: int, batch_size: int, world_size: int, phase: str = "") -> None:
+    """A one-line DataError (prefixed ``{phase}: `` when given) when ``examples`` fill no global batch."""
+    if examples < batch_size * world_size:
+        raise DataError(f"{phase}{': ' if phase else ''}only {examples} training examples, but one global batch needs "
+                        f"{batch_size * world_size} (batch_size {batch_size} x {world_size} ranks)")
+
+
 class LengthGroupedBatchSampler:
     """Batches of example indices for one rank; see the module docstring for the algorithm."""
 
@@ -40,11 +47,7 @@ class LengthGroupedBatchSampler:
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.pool_batches = pool_batches
-        if len(self.lengths) < self.global_batch_size:
-            raise DataError(
-                f"only {len(self.lengths)} training examples, but one global batch needs {self.global_batch_size} "
-                f"(batch_size {batch_size} x {world_size} ranks)"
-            )
+        check_enough(len(self.lengths), batch_size, world_size)
 
     @property
     def global_batch_size(self) -> int:

@@ -9,15 +9,14 @@ phase's tags are plotted against their own ``{phase}/step``. MLflow: ``$MLFLOW_T
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from distill.config import installed
 from distill.errors import ConfigError
 
 PROJECT = "distill"
@@ -34,14 +33,10 @@ def requested(report_to: list[str]) -> list[str]:
     return [name for name in dict.fromkeys(report_to) if name != "none"]
 
 
-def _installed(module: str) -> bool:
-    return sys.modules.get(module) is not None or importlib.util.find_spec(module) is not None
-
-
 def check_installed(report_to: list[str]) -> None:
     """Raise a one-line ConfigError for the first requested tracker whose package (= pip extra) is not importable."""
     for name in requested(report_to):
-        if not _installed(name):
+        if not installed(name):
             raise ConfigError(f"training.report_to: {name} is not installed; pip install 'distill[{name}]' "
                               f"(or drop {name} from training.report_to)")
 
@@ -95,11 +90,6 @@ class WandbTracker:
         self._run.finish()
 
 
-def mlflow_key(tag: str) -> str:
-    """``tag`` in MLflow's key alphabet (letters, digits, ``_-. /:``): ``s->t@768`` -> ``s_to_t_768``."""
-    return re.sub(r"[^\w\-. /:]", "_", tag.replace("->", "_to_"))
-
-
 class MlflowTracker:
     def __init__(self, run_dir: Path, name: str, config: Mapping[str, Any]) -> None:
         import mlflow
@@ -112,7 +102,9 @@ class MlflowTracker:
         self._mlflow = mlflow
 
     def log(self, scalars: Mapping[str, float], step: int, phase: str) -> None:
-        self._mlflow.log_metrics({mlflow_key(tag): value for tag, value in scalars.items()}, step=step)
+        """Tags in MLflow's key alphabet (letters, digits, ``_-. /:``): ``s->t@768`` -> ``s_to_t_768``."""
+        self._mlflow.log_metrics({re.sub(r"[^\w\-. /:]", "_", tag.replace("->", "_to_")): value
+                                  for tag, value in scalars.items()}, step=step)
 
     def close(self) -> None:
         self._mlflow.end_run()

@@ -46,7 +46,7 @@ from distill.errors import ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, model_card, push_to_hub, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
 from distill.models import DistillModel, backbone, build_projection_head, check_dims, load_student
-from distill.sampling import LengthGroupedBatchSampler, phase1_lengths, phase2_lengths
+from distill.sampling import LengthGroupedBatchSampler, check_enough, phase1_lengths, phase2_lengths
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ class Trainer:
         self.padding: dict[str, float] = {}
         self._wrapped: dict[str, Any] = {}
 
-    # ---- setup ----
     def load_data(self) -> None:
         """Read and validate every phase's data (rank 0 prepares, all ranks read) before any model loads or any
         file of the run is written, so bad input costs seconds and touches nothing."""
@@ -109,8 +108,7 @@ class Trainer:
 
         self.data = {p: load_phase_data(self.cfg, p) for p in self.cfg.phases}
         for p, data in self.data.items():  # every phase's size before phase 1 spends anything
-            LengthGroupedBatchSampler(np.zeros(len(data.examples)), self.cfg.phase(p).batch_size, self.info.rank,
-                                      self.info.world_size, seed=0)
+            check_enough(len(data.examples), self.cfg.phase(p).batch_size, self.info.world_size, f"phase{p}")
 
     def setup(self) -> None:
         m, t = self.cfg.model, self.cfg.training
@@ -160,7 +158,6 @@ class Trainer:
         """The student tokenizer's padding id (0 when it defines none; the attention mask hides it anyway)."""
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    # ---- run ----
     def run(self) -> Path:
         from distill.report import MetricsLogger
 
@@ -186,7 +183,6 @@ class Trainer:
             self.train_phase(p, resume if resume is not None and resume.state.phase == p else None)
         return self.finish()
 
-    # ---- one phase ----
     def train_phase(self, phase: int, ckpt: LoadedCheckpoint | None) -> None:
         run = self._prepare_phase(phase, ckpt)
         log.info("%s: %d examples, %d batches/rank/epoch of %d (global batch %d, x%d accumulation = %d per step), "
@@ -351,13 +347,13 @@ class Trainer:
                           "terms": terms, "lr": lr, "samples_per_s": samples_per_s, "elapsed_s": elapsed,
                           "padding_efficiency": pe, "nonfinite_skipped": run.state.nonfinite_skipped})
 
-    # ---- phase setup helpers ----
     def _loss(self, phase: int, gather: bool = True) -> nn.Module:
         m, cfg = self.cfg.model, self.cfg
         dims = None if m.use_projection else m.matryoshka_dims
         if phase == 1:
             if m.use_projection:
-                return EmbeddingMSECosineLoss(cfg.phase1.mse_weight, cfg.phase1.cosine_weight)
+                return EmbeddingMSECosineLoss(cfg.phase1.mse_weight, cfg.phase1.cosine_weight,
+                                              cfg.phase1.similarity_weight)
             return MatryoshkaSimilarityLoss(dims, m.matryoshka_weights, cfg.phase1.mse_weight, cfg.phase1.cosine_weight)
         p2 = cfg.phase2
         return RetrievalDistillLoss(p2.temperature, p2.infonce_weight, p2.mse_weight,
@@ -434,9 +430,8 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(module, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
 
-    # ---- checkpoints ----
     def _restore(self, ckpt: LoadedCheckpoint, optimizer, scheduler, scaler) -> TrainState:
-        self.model.load_state_dict(ckpt.model_state)
+        """The optimizer, schedule, scaler and RNG of a mid-phase ``ckpt`` (:meth:`run` loaded its weights)."""
         load_optimizer_state(optimizer, ckpt.optimizer_state)
         scheduler.load_state_dict(ckpt.scheduler_state)
         if scaler.is_enabled() and ckpt.scaler_state is not None:
@@ -456,7 +451,6 @@ class Trainer:
                               scheduler=run.scheduler, scaler=run.scaler if run.scaler.is_enabled() else None,
                               state=run.state, config=self.cfg.to_dict())
 
-    # ---- evaluation, export ----
     def export_model(self):
         return build_export_model(self.student, self.model.head)
 
@@ -472,20 +466,15 @@ class Trainer:
 
     def _evaluate(self, phase_name: str, step: int) -> None:
         """Rank 0 evaluates on the held-out BEIR set; the other ranks wait and receive the result."""
-        from distill.evaluate import evaluate_settings, run_eval_distributed
+        from distill.evaluate import _student_encoder, evaluate_settings, run_eval_distributed
 
         beir, teacher_emb = self._eval_teacher()
         m = self.cfg.model
         dims = self.cfg.eval.dims or (None if m.use_projection else m.matryoshka_dims)
-        bs = self.cfg.eval.batch_size
 
-        def work() -> dict[str, Any]:
-            model = self.export_model()
-            with torch.no_grad():
-                def encode(texts: list[str], role: str) -> torch.Tensor:
-                    fn = model.encode_query if role == "query" else model.encode_document
-                    return fn(texts, batch_size=bs, convert_to_tensor=True).float().cpu()
-                return evaluate_settings(beir.queries, beir.corpus, beir.qrels, encode, teacher_emb, dims)
+        def work() -> dict[str, Any]:  # embeddings on the CPU: the eval corpus must not hold training memory
+            encode = _student_encoder(self.export_model(), self.cfg.eval.batch_size, to_cpu=True)
+            return evaluate_settings(beir.queries, beir.corpus, beir.qrels, encode, teacher_emb, dims)
 
         self.eval_results = run_eval_distributed(work)
         self.model.train()
@@ -533,7 +522,6 @@ class Trainer:
                 push_to_hub(final, self.cfg.training.hub_model_id, self.cfg.training.hub_private)
         D.barrier()
         return self.cfg.artifact_dir if self.cfg.training.save_to_artifacts else self.cfg.run_dir / "final"
-
 
 
 class _HeadOnly:

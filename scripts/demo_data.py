@@ -315,7 +315,7 @@ def general_pairs(n: int, seed: int, packages: Iterable[str] = GENERAL_PACKAGES)
 
 
 def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int = 400,
-          stdlib_root: Path | None = None, general: int = 0) -> dict:
+          stdlib_root: Path | None = None, general: int = 0, extra_files: dict[str, str] | None = None) -> dict:
     """Write the data set to ``out`` (see the module docstring) and return the manifest."""
     started = time.perf_counter()
     out = Path(out)
@@ -353,6 +353,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
         "test/corpus.jsonl": _jsonl(corpus_rows),
         "test/queries.jsonl": _jsonl(query_rows),
         "test/qrels/test.tsv": qrels,
+        **(extra_files or {}),
     }
     for rel, text in files.items():
         atomic_write_text(out / rel, text)
@@ -368,6 +369,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
             "train_side_passages": len(train_side),
             "train_examples": len(phase1),
             "general_phase1_rows": general,
+            **{name: text.count("\n") for name, text in (extra_files or {}).items()},
             "negatives_per_example": N_NEGATIVES,
             "test_queries": len(query_rows),
             "test_corpus": len(corpus_rows),
@@ -461,6 +463,77 @@ def _ood_wheel(wheel_dir: Path | None, download_dir: Path) -> Path:
     return wheel
 
 
+# --------------------------------------------------------------------------------------------------------------
+# General text: Wikipedia articles (encyclopedic prose), a domain neither split uses
+
+WIKI_TEXT = ("gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+             "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d")
+WIKI_MIN_WORDS = 30
+
+
+def read_wiki_paragraphs(wheel: Path, expected_sha256: str | None = WIKI_TEXT[1]) -> list[tuple[str, str]]:
+    """(article title, paragraph) of every paragraph of >= ``WIKI_MIN_WORDS`` words in the 106 English Wikipedia
+    articles (Anarchism ... Art: biology, history, geography, people, science) that the pinned, shortened dump in
+    ``wheel`` holds; wiki markup is stripped with ``mwparserfromhell``, redirects and non-article pages skipped."""
+    import bz2
+    import xml.etree.ElementTree as ET
+    import zipfile
+
+    import mwparserfromhell
+
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            raw = zf.read(WIKI_TEXT[0])
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {WIKI_TEXT[0]} from {wheel}: {exc}") from exc
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise DataError(f"{wheel.name}: {WIKI_TEXT[0]} has sha256 {digest}, expected the pinned {expected_sha256}")
+    root = ET.fromstring(bz2.decompress(raw))
+    ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+    out = []
+    for page in root.iter(f"{ns}page"):
+        text = page.findtext(f".//{ns}text") or ""
+        if page.findtext(f"{ns}ns") != "0" or text.lstrip().lower().startswith("#redirect"):
+            continue
+        plain = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
+        title = page.findtext(f"{ns}title") or ""
+        out += [(title, para) for para in (" ".join(line.split()) for line in plain.splitlines())
+                if len(para.split()) >= WIKI_MIN_WORDS]
+    return out
+
+
+def wiki_pairs(paragraphs: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """(first sentence, ``title`` + rest of the paragraph) per paragraph, the docstring splits' formulation, in a
+    seeded order; paragraphs whose first sentence or rest is too short or repeats are dropped."""
+    pairs = []
+    for title, para in paragraphs:
+        pieces = _SENTENCE_END.split(para, maxsplit=1)
+        if len(pieces) == 2 and MIN_QUERY_WORDS <= len(pieces[0].split()) <= MAX_QUERY_WORDS \
+                and len(pieces[1].split()) >= MIN_BODY_WORDS:
+            pairs.append((pieces[0], f"{title} {' '.join(pieces[1].split()[:MAX_PASSAGE_WORDS])}"))
+    counts = Counter(q.casefold() for q, _ in pairs)
+    pairs = sorted({(q, p) for q, p in pairs if counts[q.casefold()] == 1})
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def wiki_files(wheel: Path, n_phase1: int, n_phase2: int, seed: int = 0,
+               expected_sha256: str | None = WIKI_TEXT[1]) -> dict[str, str]:
+    """The texts of ``phase1_wiki.jsonl`` (``n_phase1`` pairs) and ``phase2_wiki.jsonl`` (the next ``n_phase2``, each
+    with ``N_NEGATIVES`` BM25 negatives from all Wikipedia passages)."""
+    pairs = wiki_pairs(read_wiki_paragraphs(wheel, expected_sha256), seed)
+    if len(pairs) < n_phase1 + n_phase2:
+        raise DataError(f"the Wikipedia dump gives {len(pairs)} pairs; --wiki asks for {n_phase1} + {n_phase2}")
+    corpus = [p for _, p in pairs]
+    p1 = pairs[:n_phase1]
+    rows2 = list(range(n_phase1, n_phase1 + n_phase2))
+    negatives = mine_negatives([pairs[i][0] for i in rows2], rows2, corpus, N_NEGATIVES, seed) if rows2 else []
+    return {"phase1_wiki.jsonl": _jsonl({"query": q, "positive": p} for q, p in p1),
+            "phase2_wiki.jsonl": _jsonl({"query": pairs[i][0], "pos": [corpus[i]], "neg": [corpus[j] for j in negs]}
+                                        for i, negs in zip(rows2, negatives))}
+
+
 def build_ood(out: Path, wheel_dir: Path | None = None, *, wheel: Path | None = None,
               expected_sha256: dict[str, str] | None = OOD_TEXTS) -> dict:
     """Write the out-of-domain BEIR folder to ``out`` and return its manifest.
@@ -526,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=400, help="number of held-out test queries")
     p.add_argument("--general", type=int, default=0,
                    help="extra phase-1 rows from installed packages' docstrings (phase1_general.jsonl)")
+    p.add_argument("--wiki", type=int, nargs=2, default=(0, 0), metavar=("PHASE1", "PHASE2"),
+                   help="extra phase-1 / phase-2 rows from the gensim wheel's Wikipedia articles "
+                        "(phase1_wiki.jsonl, phase2_wiki.jsonl)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     setup_logging(args.log_level)
@@ -534,10 +610,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --out, --ood-out or both")
 
     def command() -> int:
-        if args.out is not None:
-            build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general)
-        if args.ood_out is not None:
-            build_ood(args.ood_out, args.ood_wheel_dir)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="gensim-wheel-") as tmp:
+            wheel = _ood_wheel(args.ood_wheel_dir, Path(tmp)) if args.ood_out or any(args.wiki) else None
+            if args.out is not None:
+                extra = wiki_files(wheel, *args.wiki, seed=args.seed) if any(args.wiki) else None
+                build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general,
+                      extra_files=extra)
+            if args.ood_out is not None:
+                build_ood(args.ood_out, wheel=wheel)
         return 0
 
     return run_guarded(command)

@@ -350,3 +350,52 @@ def test_ood_pin_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
 def test_ood_pins_are_sha256_hex() -> None:
     pins = [*demo_data.OOD_TEXTS.values(), *demo_data.OOD_WHEEL_SHA256.values()]
     assert len(demo_data.OOD_TEXTS) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", pin) for pin in pins)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# General text: Wikipedia articles from the same wheel
+
+
+def _wiki_wheel(folder: Path, pages: list[tuple[str, str, str]]) -> Path:
+    """A wheel holding a MediaWiki XML dump (bz2) of ``pages`` = (title, namespace, wikitext)."""
+    import bz2
+    import zipfile
+    from xml.sax.saxutils import escape
+
+    body = "".join(f"<page><title>{escape(t)}</title><ns>{ns}</ns><revision><text>{escape(x)}</text></revision></page>"
+                   for t, ns, x in pages)
+    xml = f'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">{body}</mediawiki>'
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "gensim-4.4.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(demo_data.WIKI_TEXT[0], bz2.compress(xml.encode()))
+    return wheel
+
+
+def _para(topic: str, i: int) -> str:
+    rest = " ".join(f"The [[{topic}]] fact number {j} of paragraph {i} is described here." for j in range(4))
+    return f"'''{topic}''' is the subject of paragraph {i} in this article.{{{{cite|x}}}} {rest}"
+
+
+def test_wiki_source_strips_markup_and_mines_negatives(tmp_path: Path) -> None:
+    pages = [(f"Topic{k}", "0", "\n\n".join(_para(f"Topic{k}", i) for i in range(3))) for k in range(4)]
+    pages += [("Redirected", "0", "#REDIRECT [[Topic0]]"), ("Talk:Topic0", "1", _para("Talk", 0)),
+              ("Short", "0", "Too short a paragraph. Only a few words.")]
+    wheel = _wiki_wheel(tmp_path / "w", pages)
+    paragraphs = demo_data.read_wiki_paragraphs(wheel, expected_sha256=None)
+    assert len(paragraphs) == 12 and {t for t, _ in paragraphs} == {f"Topic{k}" for k in range(4)}
+    assert all("[[" not in p and "'''" not in p and "{{" not in p for _, p in paragraphs)  # markup stripped
+    files = demo_data.wiki_files(wheel, 8, 3, seed=0, expected_sha256=None)
+    p1 = [json.loads(line) for line in files["phase1_wiki.jsonl"].splitlines()]
+    p2 = [json.loads(line) for line in files["phase2_wiki.jsonl"].splitlines()]
+    assert len(p1) == 8 and len(p2) == 3
+    assert p1[0]["query"].endswith("in this article.") and p1[0]["positive"].startswith("Topic")
+    assert p1[0]["query"] not in p1[0]["positive"]
+    assert not {r["query"] for r in p1} & {r["query"] for r in p2}  # phase-2 queries are not phase-1 rows
+    for row in p2:
+        assert len(row["neg"]) == demo_data.N_NEGATIVES and row["pos"][0] not in row["neg"]
+    assert files == demo_data.wiki_files(wheel, 8, 3, seed=0, expected_sha256=None)  # deterministic
+    with pytest.raises(DataError, match="gives 12 pairs; --wiki asks for 10 \\+ 3"):
+        demo_data.wiki_files(wheel, 10, 3, expected_sha256=None)
+    with pytest.raises(DataError, match="has sha256 [0-9a-f]{64}, expected the pinned"):
+        demo_data.read_wiki_paragraphs(wheel)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from distill.losses import (
     EmbeddingMSECosineLoss,
@@ -373,3 +374,18 @@ def test_retrieval_loss_documents_teacher_and_both():
         assert torch.allclose(loss, 0.8 * expected_nce + 0.2 * mse, atol=1e-5), documents
     with pytest.raises(ValueError, match="documents must be"):
         RetrievalDistillLoss(0.05, 0.8, 0.2, documents="index")
+
+
+def test_similarity_term_matches_in_batch_similarity_matrices() -> None:
+    torch.manual_seed(0)
+    t = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    loss_fn = EmbeddingMSECosineLoss(0.0, 0.0, similarity_weight=2.0)
+    loss, terms = loss_fn(3.0 * t, t)  # same directions: same similarity matrix, whatever the scale
+    assert torch.allclose(loss, torch.tensor(0.0), atol=1e-6) and set(terms) == {"mse", "cosine", "similarity"}
+    s = torch.randn(6, 16, requires_grad=True)
+    loss, terms = loss_fn(s, t)
+    expected = ((F.normalize(s, dim=-1) @ F.normalize(s, dim=-1).T - t @ t.T) ** 2).mean()
+    assert torch.allclose(terms["similarity"], expected) and torch.allclose(loss, 2.0 * expected)
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert "similarity" not in EmbeddingMSECosineLoss()(s, t)[1]  # off by default: the spec's 0.4 / 0.6 loss

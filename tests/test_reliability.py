@@ -247,6 +247,17 @@ def _token_cache_of(cache: Path, phase: str, role: str) -> Path:
     return found[0]
 
 
+def _unfinished_copy(tmp_path: Path, uninterrupted: Path) -> tuple[Path, Path, Path]:
+    """A copy of the real run's output folder in ``tmp_path/out``, unfinished again (DONE and results removed):
+    its run folder, older and newest checkpoint."""
+    shutil.copytree(uninterrupted.parent, tmp_path / "out")
+    run_dir = tmp_path / "out" / EXPERIMENT
+    for done in ("DONE", "final", "phase2"):
+        shutil.rmtree(run_dir / done) if (run_dir / done).is_dir() else (run_dir / done).unlink()
+    older, newest = sorted((run_dir / "checkpoints").iterdir())
+    return run_dir, older, newest
+
+
 def test_rerun_after_corrupt_rng_and_token_cache_falls_back_rebuilds_and_matches(
         tmp_path, tiny_teacher_dir, tiny_student_dir, files, uninterrupted):
     """A copy of the real run's output folder, unfinished again (DONE and results removed), with one flipped byte in
@@ -254,14 +265,9 @@ def test_rerun_after_corrupt_rng_and_token_cache_falls_back_rebuilds_and_matches
     warning, resumes from the previous one, rebuilds the token cache with one warning, and ends (rc 0) with the
     uninterrupted run's weights -- no crash, no training on wrong token ids."""
     cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
-    out = tmp_path / "out"
-    shutil.copytree(uninterrupted.parent, out)
-    run_dir = out / EXPERIMENT
-    for done in ("DONE", "final", "phase2"):
-        shutil.rmtree(run_dir / done) if (run_dir / done).is_dir() else (run_dir / done).unlink()
-    older, newest = sorted((run_dir / "checkpoints").iterdir())
+    run_dir, older, newest = _unfinished_copy(tmp_path, uninterrupted)
     _flip_byte(newest / "rng.pt")
-    tokens = _token_cache_of(out / "cache", "phase2", "document")
+    tokens = _token_cache_of(run_dir.parent / "cache", "phase2", "document")
     manifest_before = (tokens / "MANIFEST.json").read_text()
     arrow = next((tokens / "tokens").glob("*.arrow"))
     _flip_byte(arrow, 0.6)  # inside the input_ids buffer: a changed token id, the file still loads
@@ -282,12 +288,7 @@ def test_resume_from_a_named_earlier_checkpoint_gives_the_uninterrupted_run(tmp_
     """A copy of the real run's folder, unfinished again, resumed with --resume-from its older checkpoint (not the
     newest): the newer one moves to superseded/, and the run ends with the uninterrupted run's weights and log."""
     cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
-    out = tmp_path / "out"
-    shutil.copytree(uninterrupted.parent, out)
-    run_dir = out / EXPERIMENT
-    for done in ("DONE", "final", "phase2"):
-        shutil.rmtree(run_dir / done) if (run_dir / done).is_dir() else (run_dir / done).unlink()
-    older, newest = sorted((run_dir / "checkpoints").iterdir())
+    run_dir, older, newest = _unfinished_copy(tmp_path, uninterrupted)
     assert older.name.startswith("phase2-") and older.name < newest.name
     res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, timeout=600,
                        args=["--config", str(cfg), *OVERRIDES, "--resume-from", str(older)])
