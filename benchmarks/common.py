@@ -65,9 +65,8 @@ def write_config(path: Path, *, data_dir: Path, teacher: Path, student: Path, ou
     raw = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
     raw["model"]["teacher"] = str(teacher)
     raw["model"]["student"] = str(student)
-    raw["data"]["phase1"] = raw["data"]["phase1"][:1]  # the docstring rows only (not the demo's extra package texts)
-    raw["data"]["phase1"][0]["path"] = str(data_dir / "phase1.jsonl")
-    raw["data"]["phase2"][0]["path"] = str(data_dir / "phase2.jsonl")
+    for phase in ("phase1", "phase2"):  # the docstring rows only (not the demo's package or Wikipedia texts)
+        raw["data"][phase] = [{**raw["data"][phase][0], "path": str(data_dir / f"{phase}.jsonl"), "max_samples": None}]
     raw["eval"]["data"] = None
     raw["paths"] = {"output_dir": str(output_dir), "artifacts_dir": str(output_dir / "artifacts"),
                     "cache_dir": str(cache_dir)}
