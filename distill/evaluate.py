@@ -459,7 +459,7 @@ def _load_student(path: str, trust_remote_code: bool, device: str) -> Any:
     return SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
 
 
-def _student_encoder(model: Any, batch_size: int, trust_remote_code: bool = False, device: str = "cpu",
+def student_encoder(model: Any, batch_size: int, trust_remote_code: bool = False, device: str = "cpu",
                      to_cpu: bool = False) -> EncodeFn:
     """Queries via ``encode_query`` and documents via ``encode_document`` so prompts saved with the model apply;
     ``model``: a SentenceTransformer or its folder; embeddings on the model's device, or the CPU with ``to_cpu``."""
@@ -539,7 +539,7 @@ def evaluate_model(
     student = _load_student(model, trust_remote_code, str(device))
     results: dict[str, Any] = {}
     if beir is not None:
-        results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, _student_encoder(student, batch_size),
+        results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, student_encoder(student, batch_size),
                                     teacher_emb, dims)
     if mteb_tasks:
         results["mteb"] = run_mteb(student, mteb_tasks, batch_size)

@@ -466,14 +466,14 @@ class Trainer:
 
     def _evaluate(self, phase_name: str, step: int) -> None:
         """Rank 0 evaluates on the held-out BEIR set; the other ranks wait and receive the result."""
-        from distill.evaluate import _student_encoder, evaluate_settings, run_eval_distributed
+        from distill.evaluate import evaluate_settings, run_eval_distributed, student_encoder
 
         beir, teacher_emb = self._eval_teacher()
         m = self.cfg.model
         dims = self.cfg.eval.dims or (None if m.use_projection else m.matryoshka_dims)
 
         def work() -> dict[str, Any]:  # embeddings on the CPU: the eval corpus must not hold training memory
-            encode = _student_encoder(self.export_model(), self.cfg.eval.batch_size, to_cpu=True)
+            encode = student_encoder(self.export_model(), self.cfg.eval.batch_size, to_cpu=True)
             return evaluate_settings(beir.queries, beir.corpus, beir.qrels, encode, teacher_emb, dims)
 
         self.eval_results = run_eval_distributed(work)

@@ -481,7 +481,7 @@ def beir_words(tmp_path) -> Path:
 def test_student_encoder_uses_saved_prompts(tiny_student):
     from sentence_transformers import SentenceTransformer
 
-    encode = ev._student_encoder(str(tiny_student), batch_size=4, trust_remote_code=False, device="cpu")
+    encode = ev.student_encoder(str(tiny_student), batch_size=4, trust_remote_code=False, device="cpu")
     model = SentenceTransformer(str(tiny_student), device="cpu")
     texts = ["the cat runs", "a big dog"]
     q, d = encode(texts, "query"), encode(texts, "document")
@@ -499,7 +499,7 @@ def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_pa
     assert results["mode"] == "student_only"
     assert [(r["setting"], r["dim"]) for r in results["rows"]] == [("student->student", 16), ("student->student", 8)]
     data = ev.read_beir(beir_words)
-    student = ev._student_encoder(str(tiny_student), 4, False, "cpu")
+    student = ev.student_encoder(str(tiny_student), 4, False, "cpu")
     want = retrieval(data.queries, data.corpus, data.qrels, student, student, dims=[16, 8])
     assert results["rows"][0]["metrics"] == pytest.approx(want["16"], abs=1e-9)
     assert results["rows"][1]["metrics"] == pytest.approx(want["8"], abs=1e-9)
