@@ -28,6 +28,8 @@ Files written to ``--out`` (each atomically: temporary file + rename; ``manifest
   fewer than 7 lexical matches the rest are drawn at random (seeded) from the training side.
 * ``test/corpus.jsonl`` ``{"_id", "title", "text"}``, ``test/queries.jsonl`` ``{"_id", "text"}``,
   ``test/qrels/test.tsv`` (header ``query-id\\tcorpus-id\\tscore``): a BEIR folder.
+* with ``--wiki P1 P2``: ``phase1_wiki.jsonl`` / ``phase2_wiki.jsonl`` in the same two layouts, from the Wikipedia
+  articles of the gensim wheel (:func:`wiki_files`): query = a paragraph's first sentence, positive = the rest.
 * ``manifest.json``: seed, sizes, Python version and the sha256 of every file above.
 
 Out-of-domain split (``--ood-out DIR``, :func:`build_ood`): a second BEIR folder from news articles (the Lee corpus
