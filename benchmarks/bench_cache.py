@@ -108,7 +108,7 @@ def train_inline(argv: list[str]) -> int:
 
     def teacher(cfg: Any, max_length: int, device: Any) -> Any:
         spec = teacher_spec_from_config(cfg.model, max_length, device, cpu_tuning=cfg.training.cpu_tuning)
-        return TeacherEncoder(spec, device, cfg.model.attn_implementation)
+        return TeacherEncoder(spec, device, cfg.model.teacher_attn_implementation)
 
     def build_teacher_targets(cfg: Any, phase_max_length: int, queries: Any, documents: Any, device: Any) -> Any:
         enc, bs = teacher(cfg, phase_max_length, device), cfg.model.teacher_batch_size

@@ -53,6 +53,13 @@ def run_guarded(command: Callable[[], int]) -> int:
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from distill.distributed import collective_error
+
+        if (error := collective_error(e)) is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         from distill.distributed import shutdown
 

@@ -49,7 +49,13 @@ class ModelConfig:
     teacher_max_length: int | None = None  # None: the phase's max_length
     # auto: bf16 where the hardware multiplies it natively (bf16 GPUs, AVX512-BF16/AMX CPUs), else fp16 (GPU) / fp32
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    teacher_batch_size: int = 32
+    teacher_batch_size: int = 32  # texts per teacher forward (with a token budget: the most rows of one batch)
+    # N: length-sorted teacher batches of at most N padded tokens (rows x longest text; a longer text goes alone);
+    # None: teacher_batch_size texts per batch
+    teacher_max_tokens_per_batch: int | None = None
+    # the teacher's own attention (the student keeps attn_implementation); flash_attention_2 needs CUDA and flash_attn
+    teacher_attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    teacher_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: pip install 'distill[vllm]'
     matryoshka_dims: list[int] = field(default_factory=lambda: [768, 512, 256, 128, 64])
     matryoshka_weights: list[float] | None = None  # None: all 1
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: sdpa where supported
@@ -61,8 +67,9 @@ class ModelConfig:
             raise ConfigError(f"model.head_init: least_squares needs projection_hidden_dim >= 2 * student_dim "
                               f"({2 * self.student_dim}), got {self.projection_hidden_dim}; raise it or set "
                               "model.head_init: random")
-        if self.teacher_max_length is not None:
-            _positive(self, "teacher_max_length", section="model")
+        for key in ("teacher_max_length", "teacher_max_tokens_per_batch"):
+            if getattr(self, key) is not None:
+                _positive(self, key, section="model")
         if not self.use_projection:
             dims = self.matryoshka_dims
             if not dims:
@@ -145,7 +152,9 @@ class Phase2Config(PhaseCommon):
     gather_across_ranks: bool = True  # every query sees every rank's documents as candidates
     # projection mode: the InfoNCE candidates are embedded by the student, the teacher (drop-in), or both (mean)
     infonce_documents: Literal["student", "teacher", "both"] = "both"
-    cached_infonce: bool = False  # GradCache: large contrastive batch, activation memory of one mini-batch
+    # GradCache: large contrastive batch, activation memory of one mini-batch; auto: on where the plan's phase-2 memory
+    # estimate exceeds the GPU's memory (off on CPU), see plan.gradcache_choice
+    cached_infonce: Literal[True, False, "auto"] = False
     mini_batch_size: int = 32  # texts per forward chunk when cached_infonce is on
 
     def validate(self, section: str = "phase2") -> None:
@@ -156,6 +165,8 @@ class Phase2Config(PhaseCommon):
             raise ConfigError("phase2: infonce_weight + mse_weight must be > 0 (the loss would be 0)")
         if self.max_samples is not None:
             _positive(self, "max_samples", section=section)
+        if not isinstance(self.cached_infonce, bool) and self.cached_infonce != "auto":
+            raise ConfigError(f"{section}.cached_infonce must be true, false or auto, got {self.cached_infonce!r}")
 
 
 @dataclass
@@ -177,6 +188,9 @@ class TrainingConfig:
     # CPU runs only: the CPU-specific tuning of distill/hardware.py (bf16 detection for precision auto, faster
     # dropout masks); off for GPU recipes, where it changes nothing
     cpu_tuning: bool = False
+    # micro-batches whose inputs (tokens padded into chunks, teacher targets, pinned) a background thread prepares
+    # ahead of the one training; 0: each is prepared when needed, on the training thread
+    prefetch_batches: int = 1
     # phase-2-only runs (skip_phase1): the phase-1 result to start from: an experiment name in output_dir, a run
     # folder or a model.safetensors; null: this experiment's own, else the only phase-1 result of the same model
     phase1_from: str | None = None
@@ -194,6 +208,9 @@ class TrainingConfig:
             raise ConfigError(f"training.report_to: 'none' cannot be combined with trackers, got {self.report_to}")
         _positive(self, "save_steps", "seed", section="training", allow_zero=True)
         _positive(self, "keep_last", "logging_steps", "max_nonfinite_steps", "dist_timeout_s", section="training")
+        if self.dist_timeout_s > 1e9:  # beyond that, timedelta and torch's nanosecond clocks overflow
+            raise ConfigError(f"training.dist_timeout_s must be <= 1e9 (about 31 years), got {self.dist_timeout_s}")
+        _positive(self, "prefetch_batches", section="training", allow_zero=True)
         if self.push_to_hub:
             if not self.hub_model_id or not re.fullmatch(r"([\w.-]+/)?[\w.-]{1,96}", self.hub_model_id):
                 raise ConfigError(f"training.hub_model_id: push_to_hub needs a Hub repo id 'user-or-org/name', "

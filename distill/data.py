@@ -2,7 +2,8 @@
 
 Texts are stored once per role in Arrow tables (:class:`TextTable`) and examples refer to them by row. Rank 0
 prepares ``work_dir/<phase>-<key>/`` atomically (``key`` hashes everything the tables depend on), every rank then
-loads it memory-mapped, so ``work_dir`` must be visible to every rank. Caps and filled negatives are seeded.
+loads it memory-mapped, so ``work_dir`` must be visible to every rank. Caps and filled negatives are seeded; a capped
+Hub source is streamed only as far as its cap needs (:func:`read_limit`).
 """
 
 from __future__ import annotations
@@ -160,6 +161,27 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+def _is_hub(source: Any) -> bool:
+    """Format hub, or auto with a path that neither exists nor clearly names a local file."""
+    path, fmt = Path(source.path).expanduser(), (source.format or "auto").lower()
+    local = path.exists() or path.suffix.lower() in _EXTENSIONS or source.path.startswith((".", "/", "~"))
+    return fmt == "hub" or (fmt == "auto" and not local)
+
+
+def source_cap(phase: int, source: Any, phase_cap: int | None) -> int | None:
+    """The most rows ``source`` can contribute: phase 1 its ``max_samples``, else ``phase_cap``
+    (``max_samples_per_dataset``); phase 2 the smaller of its ``max_samples`` and ``phase_cap`` (``max_samples``)."""
+    if phase == 1:
+        return source.max_samples if source.max_samples is not None else phase_cap
+    return min((c for c in (source.max_samples, phase_cap) if c is not None), default=None)
+
+
+def read_limit(source: Any, cap: int | None) -> int | None:
+    """A capped Hub source is streamed and keeps its first ``cap`` valid unique rows in stored order (the same for
+    every seed); None: every row is read (local files, uncapped sources) and a cap keeps a seeded random subset."""
+    return cap if cap is not None and _is_hub(source) else None
+
+
 def _resolve_parts(source: Any) -> list[_Part]:
     """The files (sorted, for folders) or the Hub split that make up ``source``."""
     fmt = (source.format or "auto").lower()
@@ -167,9 +189,7 @@ def _resolve_parts(source: Any) -> list[_Part]:
         raise DataError(f"source {_source_name(source)}: unknown format {source.format!r} "
                         f"(expected one of {', '.join(_FORMATS)})")
     path = Path(source.path).expanduser()
-    # format auto: a local file when the path exists or clearly names one, else a Hub id
-    local = path.exists() or path.suffix.lower() in _EXTENSIONS or source.path.startswith((".", "/", "~"))
-    if fmt == "hub" or (fmt == "auto" and not local):
+    if _is_hub(source):
         inner = f"{source.subset}, {source.split}" if source.subset else source.split
         return [_Part(label=f"dataset {source.path} ({inner})", format="hub", source=source)]
     if not path.exists():
@@ -202,6 +222,8 @@ def _read_jsonl(part: _Part) -> Iterator[_Row]:
                 if not line.strip():
                     continue
                 obj = json.loads(line)
+                if re.search(r"\\u[dD][89a-fA-F]", line) and not _valid_utf8([json.dumps(obj, ensure_ascii=False)]):
+                    obj = _BadRow("not valid UTF-8 (lone surrogate escape \\ud800-\\udfff in a string)")
             except UnicodeDecodeError as err:
                 obj = _BadRow(f"not valid UTF-8 (byte {err.start} of the line)")
             except json.JSONDecodeError as err:
@@ -212,7 +234,8 @@ def _read_jsonl(part: _Part) -> Iterator[_Row]:
 
 
 def _valid_utf8(fields: list[str]) -> bool:
-    """False when a field holds an undecodable byte (read with ``errors="surrogateescape"``)."""
+    """False when a field holds a surrogate: an undecodable byte read with ``errors="surrogateescape"``, or a
+    lone ``\\ud800``-``\\udfff`` JSON escape (neither can be encoded as UTF-8)."""
     return re.search("[\ud800-\udfff]", "".join(fields)) is None
 
 
@@ -252,8 +275,9 @@ def _read_csv(part: _Part) -> tuple[list[str], Iterator[_Row]]:
     return header, records()
 
 
-def _open_part(part: _Part) -> tuple[list[str] | None, Iterator[_Row]]:
-    """The part's column names when its schema is known up front (None for JSONL) and its rows."""
+def _open_part(part: _Part, limit: int | None = None) -> tuple[list[str] | None, Iterator[_Row]]:
+    """The part's column names when its schema is known up front (None for JSONL) and its rows; a Hub split is
+    streamed (pulled in batches of at most ``limit`` rows) when ``limit`` is set and the split is not a slice."""
     if part.format == "jsonl":
         return None, _read_jsonl(part)
     if part.format == "csv":
@@ -267,16 +291,17 @@ def _open_part(part: _Part) -> tuple[list[str] | None, Iterator[_Row]]:
             raise DataError(f"{part.label}: not a readable Parquet file ({_one_line(err)})") from None
         columns, batches = handle.schema_arrow.names, handle.iter_batches(batch_size=1000)
     else:
-        source = part.source
+        source, stream = part.source, {"streaming": True} if limit and "[" not in part.source.split else {}
         try:
-            dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+            dataset = datasets.load_dataset(source.path, source.subset, split=source.split, **stream)
         except Exception as err:  # noqa: BLE001 - network, missing config/split, auth: all reported the same way
             raise DataError(f"{part.label}: cannot load ({type(err).__name__}: {_one_line(err)})") from None
-        if not isinstance(dataset, datasets.Dataset):
+        if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
             raise DataError(f"{part.label}: expected one split, got {type(dataset).__name__}")
-        columns, batches = dataset.column_names, dataset.with_format("arrow").iter(batch_size=1000)
+        columns = dataset.column_names
+        batches = dataset.with_format("arrow").iter(batch_size=min(limit, 1000) if stream else 1000)
     rows = enumerate(row for batch in batches for row in batch.to_pylist())
-    return list(columns), ((f"{part.label} row {index}", row) for index, row in rows)
+    return columns and list(columns), ((f"{part.label} row {index}", row) for index, row in rows)
 
 
 # Which columns a row is read from: ``(column, role)`` pairs. Phase 2 lists the query, then the positive, then the
@@ -391,14 +416,15 @@ def _read_source(
     plan_of: Callable[[Sequence[str]], _Plan],
     parse: Callable[[_Plan, dict[str, Any]], tuple[int, ...]],
     seen: set[tuple[int, ...]],
+    limit: int | None = None,
 ) -> tuple[list[tuple[int, ...]], SourceReport]:
     """The keys ``parse(plan, row)`` of the source's valid rows that are not already in ``seen`` (which grows);
-    ``plan_of(columns)`` names the columns a row is read from."""
+    ``plan_of(columns)`` names the columns a row is read from. Reading stops at ``limit`` keys (:func:`read_limit`)."""
     report = SourceReport(name=_source_name(source))
     rows: list[tuple[int, ...]] = []
     row_plan = functools.cache(plan_of)  # rows with the same keys share a plan
     for part in _resolve_parts(source):
-        columns, row_iter = _open_part(part)
+        columns, row_iter = _open_part(part, limit)
         if columns is not None:
             _check_columns(part.label, columns, plan_of)
         for loc, row in row_iter:
@@ -421,6 +447,8 @@ def _read_source(
                 continue
             seen.add(key)
             rows.append(key)
+            if len(rows) == limit:
+                break
     if not rows:
         raise DataError(f"source {report.name}: no usable rows (read {report.rows_read}, bad {report.dropped_bad}, "
                         f"duplicate {report.dropped_duplicate})")
@@ -442,8 +470,9 @@ def _prepare_phase1(
     pairs: dict[tuple[int, int], None] = {}  # ordered set of (role, text id) over every kept row
     reports = []
     for index, source in enumerate(data.phase1):
-        rows, report = _read_source(data, source, functools.partial(_phase1_plan, source), parse, set())
-        cap = source.max_samples if source.max_samples is not None else cap_default
+        cap = source_cap(1, source, cap_default)
+        rows, report = _read_source(data, source, functools.partial(_phase1_plan, source), parse, set(),
+                                    read_limit(source, cap))
         chosen = _sample(len(rows), cap, np.random.default_rng([seed, 1, index]))
         _keep(report, len(chosen))
         for i in chosen.tolist():
@@ -477,7 +506,8 @@ def _prepare_phase2(
     reports = []
     for index, source in enumerate(data.phase2):
         plan_of = functools.partial(_phase2_plan, source, num_negatives=num_negatives, fill=fill)
-        rows, report = _read_source(data, source, plan_of, parse, seen)
+        rows, report = _read_source(data, source, plan_of, parse, seen,
+                                    read_limit(source, source_cap(2, source, max_samples)))
         chosen = _sample(len(rows), source.max_samples, np.random.default_rng([seed, 2, index]))
         candidates.extend(rows[i] for i in chosen.tolist())
         origin.extend([index] * len(chosen))
@@ -518,7 +548,10 @@ def _digest(payload: Any) -> str:
 
 
 def _phase_key(phase: str, data: Any, sources: list[Any], params: dict[str, Any]) -> str:
-    """Hash of everything the prepared tables depend on (including local files' size + mtime)."""
+    """Hash of everything the prepared tables depend on (including local files' size + mtime, and which sources are
+    streamed: their first rows, not a random subset)."""
+    cap = params.get("max_samples_per_dataset", params.get("max_samples"))
+    streamed = [read_limit(s, source_cap(int(phase[-1]), s, cap)) for s in sources]
     files = []
     for source in sources:
         for part in _resolve_parts(source):
@@ -533,6 +566,7 @@ def _phase_key(phase: str, data: Any, sources: list[Any], params: dict[str, Any]
         "fill_negatives": data.fill_negatives,
         "params": params,
         "files": files,
+        **({"streamed": streamed} if any(streamed) else {}),
     })
 
 
@@ -610,7 +644,8 @@ def _load_phase(phase: str, data: Any, sources: list[Any], params: dict[str, Any
 
 def load_phase1(data: DataConfig, max_samples_per_dataset: int | None, seed: int, work_dir: str | Path) -> Phase1Data:
     """Unique ``(role, text)`` examples of every ``data.phase1`` source; each source is capped to
-    ``source.max_samples`` (else ``max_samples_per_dataset``) rows chosen at random from its unique valid rows."""
+    ``source.max_samples`` (else ``max_samples_per_dataset``) rows chosen at random from its unique valid rows (a Hub
+    source: its first ones, :func:`read_limit`)."""
     params = {"max_samples_per_dataset": max_samples_per_dataset, "seed": seed}
     build = lambda: _prepare_phase1(data, max_samples_per_dataset, seed)  # looked up at call time (tests patch it)
     return Phase1Data(*_load_phase("phase1", data, list(data.phase1), params, work_dir, build))
@@ -620,7 +655,8 @@ def load_phase2(
     data: DataConfig, num_negatives: int, max_samples: int | None, seed: int, work_dir: str | Path
 ) -> Phase2Data:
     """``(query, positive, num_negatives negatives)`` examples of every ``data.phase2`` source; each source is capped
-    to ``source.max_samples`` (random subset), then the union to ``max_samples``."""
+    to ``source.max_samples`` (random subset; a Hub source: its first ``min(max_samples)`` rows, :func:`read_limit`),
+    then the union to ``max_samples``."""
     params = {"num_negatives": num_negatives, "max_samples": max_samples, "seed": seed}
     build = lambda: _prepare_phase2(data, num_negatives, max_samples, seed)  # looked up at call time
     return Phase2Data(*_load_phase("phase2", data, list(data.phase2), params, work_dir, build))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ class DistInfo:
 
 
 _INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+_TIMEOUT_S = 1800.0  # init_distributed's timeout_s, named by collective_error
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
@@ -45,7 +47,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     gloo otherwise. ``timeout_s`` bounds how long a collective waits for a dead peer before raising, so a killed rank
     makes the others exit instead of hanging.
     """
-    global _INFO
+    global _INFO, _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -81,6 +84,19 @@ def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
                           timeout=timeout)
     return {"store": dist.PrefixStore(f"distill/attempt-{attempt}", store), "rank": rank, "world_size": world_size}
+
+
+def collective_error(error: BaseException) -> DistillError | None:
+    """The one-line error for a failed process-group start or collective (a torch.distributed error or a gloo
+    RuntimeError), naming ``training.dist_timeout_s`` when it timed out; None for any other error."""
+    text = str(error)
+    if not isinstance(error, dist.DistError) and not (isinstance(error, RuntimeError) and "/gloo/" in text):
+        return None
+    detail = " ".join(re.sub(r"^\[[^\]]*\] ", "", text).split())[:200]
+    if re.search(r"timed out|timeout", detail, re.IGNORECASE):
+        return DistillError(f"a collective timed out after training.dist_timeout_s={_TIMEOUT_S:g} s (a rank died or "
+                            f"is stuck, or the timeout is shorter than a step, a save or data preparation): {detail}")
+    return DistillError(f"a collective failed, probably because another rank stopped (see its error): {detail}")
 
 
 def get_info() -> DistInfo:

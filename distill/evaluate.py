@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -43,11 +44,15 @@ class BeirData:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of the non-blank lines of a text file."""
+    """``(line number, line)`` of the non-blank lines of a UTF-8 text file; a bad byte is a DataError naming it."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not valid UTF-8 (byte {err.start} of the line)") from None
             if line.strip():
                 yield line_no, line.rstrip("\r\n")
 
@@ -75,6 +80,8 @@ def _read_jsonl(path: Path, text_keys: Sequence[str]) -> dict[str, str]:
                 raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
         title = fields.get("title", "").strip()
         rows[doc_id] = f"{title} {fields['text']}".strip() if title else fields["text"]
+        if re.search("[\ud800-\udfff]", doc_id + rows[doc_id]):
+            raise DataError(f"{where}: not valid UTF-8 (lone surrogate escape \\ud800-\\udfff in a string)")
     return rows
 
 

@@ -10,18 +10,32 @@ micro-batches. Instead:
    ``sum(e_chunk * g_chunk)``, whose parameter gradient is exactly the chunk's share of ``dL/dθ`` (chain rule).
 
 The parameter gradients equal those of the uncached loss; the price is a second forward pass. Under DDP, every
-chunk but the last runs inside ``no_sync`` so gradients are all-reduced once.
+chunk but the last runs inside ``no_sync`` so gradients are all-reduced once. ``phase2.cached_infonce: auto`` turns it
+on only where phase 2 would not fit in the GPU's memory without it (:func:`resolve_cached_infonce`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from distill.config import Config
+
 _CPU = torch.device("cpu")
+
+
+def resolve_cached_infonce(cfg: Config, lengths: Sequence[np.ndarray], device: torch.device) -> tuple[bool, str]:
+    """The trainer's ``phase2.cached_infonce``, and why: :func:`distill.plan.gradcache_choice` at the longest of the
+    tokenized phase-2 texts (``lengths``) and the memory of ``device`` (CUDA; CPU: no figure, so auto is off)."""
+    from distill.plan import gradcache_choice
+
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return gradcache_choice(cfg, max((int(x.max()) for x in lengths if len(x)), default=0), capacity)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -181,15 +182,13 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class TeacherEncoder:
-    """The frozen teacher: ``encode(texts, role)`` -> float32 [n, dim] on the CPU, in eval mode, without gradients.
-
-    ``texts_encoded`` counts the texts it has embedded (the teacher-cache tests and the logs read it).
-    """
+    """The frozen teacher, in eval mode, without gradients, in two steps that can overlap: :meth:`prepare` tokenises
+    on the CPU (pinned memory for a CUDA teacher), :meth:`forward` embeds on the device without synchronising.
+    :meth:`encode` runs both serially -> float32 [n, dim] on the CPU."""
 
     def __init__(self, spec: TeacherSpec, device: torch.device | str = "cpu", attn_implementation: str = "auto"):
         self.spec = spec
         self.device = torch.device(device)
-        self.texts_encoded = 0
         model_kwargs: dict[str, Any] = {"dtype": getattr(torch, spec.dtype), **_attn_kwargs(attn_implementation)}
         if spec.backend == "sentence-transformers":
             from sentence_transformers import SentenceTransformer
@@ -202,50 +201,110 @@ class TeacherEncoder:
             self.st.eval().requires_grad_(False)
             self.dim = int(self.st.get_embedding_dimension())
         else:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel
 
             self.st = None
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-            )
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer = _teacher_tokenizer(spec)
             self.model = AutoModel.from_pretrained(
                 spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **model_kwargs
             ).to(self.device)
             self.model.eval().requires_grad_(False)
             self.dim = int(self.model.config.hidden_size)
 
-    @torch.inference_mode()
-    def encode(self, texts: list[str], role: Role, batch_size: int = 32) -> torch.Tensor:
-        """Embed ``texts`` as the teacher does for ``role`` (the query prompt for queries) -> float32 [n, dim]."""
-        if not texts:
-            return torch.empty(0, self.dim)
+    def _tokenize(self, texts: list[str], role: Role) -> dict[str, Any]:
         prompt = self.spec.prompt(role)
-        self.texts_encoded += len(texts)
         if self.st is not None:
-            out = self.st.encode(
-                list(texts), prompt=prompt or None, batch_size=batch_size, convert_to_tensor=True,
-                normalize_embeddings=self.spec.normalize, show_progress_bar=False,
-            )
-            return out.float().cpu()
-        return self._encode_hf([prompt + t for t in texts], batch_size)
+            return dict(self.st.preprocess(list(texts), prompt=prompt or None))
+        return dict(self.tokenizer([prompt + t for t in texts], padding=True, truncation=True,
+                                   max_length=self.spec.max_length, return_tensors="pt"))
 
-    def _encode_hf(self, texts: list[str], batch_size: int) -> torch.Tensor:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    def lengths(self, texts: list[str], role: Role, chunk: int = 1024) -> np.ndarray:
+        """Tokens of each text as the teacher reads it (prompt and special tokens in, truncated) -> int64 [n]."""
+        parts = [self._tokenize(texts[i : i + chunk], role)["attention_mask"].sum(1).numpy()
+                 for i in range(0, len(texts), chunk)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def prepare(self, texts: list[str], role: Role) -> dict[str, Any]:
+        """The padded model inputs of ``texts`` for ``role`` (the query prompt for queries), on the CPU."""
+        pin = self.device.type == "cuda"
+        return {k: v.pin_memory() if pin and isinstance(v, torch.Tensor) else v
+                for k, v in self._tokenize(texts, role).items()}
+
+    @torch.inference_mode()
+    def forward(self, features: dict[str, Any]) -> torch.Tensor:
+        """Embeddings of :meth:`prepare`'s inputs -> float32 [n, dim] on the device (copies are non-blocking)."""
+        feats = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in features.items()}
+        if self.st is not None:
+            emb = self.st(feats)["sentence_embedding"].float()
+        else:
+            emb = pool(self.model(**feats).last_hidden_state.float(), feats["attention_mask"], self.spec.pooling)
+        return nn.functional.normalize(emb, dim=-1) if self.spec.normalize else emb
+
+    def encode(self, texts: list[str], role: Role, batch_size: int = 32) -> torch.Tensor:
+        """Embed ``texts`` as the teacher does for ``role``, longest first in ``batch_size`` batches -> float32 [n, dim]
+        on the CPU, in the order of ``texts``."""
         out = torch.empty(len(texts), self.dim)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            feats = self.tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.spec.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**feats).last_hidden_state
-            emb = pool(hidden.float(), feats["attention_mask"], self.spec.pooling)
-            if self.spec.normalize:
-                emb = nn.functional.normalize(emb, dim=-1)
-            out[idx] = emb.cpu()
+            out[idx] = self.forward(self.prepare([texts[i] for i in idx], role)).cpu()
         return out
+
+
+def _teacher_tokenizer(spec: TeacherSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+_VLLM_POOLING = {"last_token": "LAST", "mean": "MEAN", "cls": "CLS"}
+
+
+class VllmTeacher:
+    """The teacher run by vLLM's pooling runner (``model.teacher_backend: vllm``), with :class:`TeacherEncoder`'s
+    ``lengths`` / ``prepare`` / ``forward``: the same token ids (prompt, special tokens, truncation) go in, vLLM pools
+    them with the spec's pooling and normalisation and batches them itself -> float32 [n, dim] on the CPU."""
+
+    def __init__(self, spec: TeacherSpec):
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        self.spec, self.tokenizer = spec, _teacher_tokenizer(spec)
+        # vLLM >= 0.15 names normalisation use_activation; earlier releases: normalize
+        norm = "use_activation" if "use_activation" in getattr(PoolerConfig, "__dataclass_fields__", {}) else "normalize"
+        pooler = PoolerConfig(**{"pooling_type": _VLLM_POOLING[spec.pooling], norm: spec.normalize})
+        self.llm = LLM(model=spec.name, revision=spec.revision, runner="pooling", dtype=spec.dtype,
+                       trust_remote_code=spec.trust_remote_code, max_model_len=spec.max_length, pooler_config=pooler)
+
+    def lengths(self, texts: list[str], role: Role) -> np.ndarray:
+        return np.array([len(p["prompt_token_ids"]) for p in self.prepare(texts, role)], dtype=np.int64)
+
+    def prepare(self, texts: list[str], role: Role) -> list[dict[str, list[int]]]:
+        prompt = self.spec.prompt(role)
+        ids = self.tokenizer([prompt + t for t in texts], truncation=True, max_length=self.spec.max_length)["input_ids"]
+        return [{"prompt_token_ids": list(x)} for x in ids]
+
+    def forward(self, prompts: list[dict[str, list[int]]]) -> torch.Tensor:
+        return torch.tensor([o.outputs.embedding for o in self.llm.embed(prompts, use_tqdm=False)], dtype=torch.float32)
+
+
+def check_teacher_runtime(model_cfg: Any) -> None:
+    """Preflight of ``model.teacher_backend`` and ``model.teacher_attn_implementation`` on this machine (one-line
+    ConfigError): vllm must be importable; flash_attention_2 needs the flash_attn package and CUDA."""
+    from distill.config import installed
+
+    if model_cfg.teacher_backend == "vllm":
+        if not installed("vllm"):
+            raise ConfigError("model.teacher_backend: vllm is not installed; pip install 'distill[vllm]' (or set it to "
+                              "transformers)")
+    elif model_cfg.teacher_attn_implementation == "flash_attention_2":
+        if not installed("flash_attn") or not torch.cuda.is_available():
+            raise ConfigError("model.teacher_attn_implementation: flash_attention_2 needs a CUDA GPU and the flash_attn "
+                              "package (pip install flash-attn); use sdpa or auto here")
 
 
 def _attn_kwargs(attn_implementation: str) -> dict[str, str]:

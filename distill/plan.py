@@ -163,19 +163,35 @@ def activation_bytes(shape: Shape, texts: int, length: float) -> float:
     return shape.layers * length * texts * shape.hidden * (34 + 5 * shape.heads * length / shape.hidden)
 
 
-def estimate_memory(cfg: Config, plan: PhasePlan) -> dict[str, Any]:
+def estimate_memory(cfg: Config, phase: int, longest: float, cached: bool = False) -> dict[str, Any]:
     """Peak memory per GPU (bytes) of a phase: 16 bytes per trained parameter (weights, gradients, AdamW moments in
-    fp32) + the activations of one forward of the longest texts (phase 2: all 2 + k texts per query, or
-    ``mini_batch_size`` with GradCache)."""
+    fp32) + the activations of one forward of texts of ``longest`` tokens (phase 2: all 2 + k texts per query, or
+    ``mini_batch_size`` when ``cached``, GradCache)."""
     m, shape = cfg.model, model_shape(cfg.model.student)
-    texts = cfg.phase(int(plan.name[-1])).batch_size
-    if plan.name == "phase2":
-        texts = cfg.phase2.mini_batch_size if cfg.phase2.cached_infonce else texts * (2 + cfg.phase2.num_negatives)
+    texts = cfg.phase(phase).batch_size
+    if phase == 2:
+        texts = cfg.phase2.mini_batch_size if cached else texts * (2 + cfg.phase2.num_negatives)
     if shape is None:
         return {"bytes": None, "texts_per_forward": texts}
     head = m.student_dim * m.projection_hidden_dim + m.projection_hidden_dim * m.teacher_dim if m.use_projection else 0
     states = 16.0 * (shape.params + shape.vocab * shape.hidden + head)
-    return {"bytes": states + activation_bytes(shape, texts, plan.longest_tokens), "texts_per_forward": texts}
+    return {"bytes": states + activation_bytes(shape, texts, longest), "texts_per_forward": texts}
+
+
+def gradcache_choice(cfg: Config, longest: float, capacity: float | None) -> tuple[bool, str]:
+    """``phase2.cached_infonce`` resolved, and why: true / false are kept; ``auto`` is on exactly when phase 2's
+    memory estimate without GradCache (:func:`estimate_memory` at ``longest`` tokens) exceeds ``capacity`` (bytes per
+    GPU, the plan's criterion for "may not fit", no further margin); off with no capacity (CPU) or fp16 training."""
+    if cfg.phase2.cached_infonce != "auto":
+        return bool(cfg.phase2.cached_infonce), f"phase2.cached_infonce: {str(cfg.phase2.cached_infonce).lower()}"
+    need = estimate_memory(cfg, 2, longest)["bytes"]
+    if capacity is None or need is None:
+        return False, f"auto: off, {'no device memory figure (CPU)' if capacity is None else 'student shape unknown'}"
+    on = need > capacity
+    why = f"auto: {'on' if on else 'off'}, phase 2 needs ~{_gb(need)} per GPU without it, {_gb(capacity)} available"
+    if on and cfg.training.precision == "fp16":
+        return False, f"{why}, but fp16 refuses GradCache: lower phase2.batch_size or max_length"
+    return on, why
 
 
 def teacher_memory(cfg: Config) -> float | None:
@@ -218,10 +234,11 @@ def check_before_cost(cfg: Config) -> None:
     Raises one-line errors."""
     from distill.data import preflight
     from distill.evaluate import check_eval_set
-    from distill.models import _read_model_file
+    from distill.models import _read_model_file, check_teacher_runtime
     from distill.tracking import check_installed
 
     check_installed(cfg.training.report_to)
+    check_teacher_runtime(cfg.model)
     preflight(cfg.data, cfg.phases, cfg.phase2.num_negatives)
     for role, dim in (("student", cfg.model.student_dim), ("teacher", cfg.model.teacher_dim)):
         name = getattr(cfg.model, role)
@@ -253,6 +270,8 @@ def _fmt(n: float | int | None) -> str:
 def print_plan(cfg: Config, nproc: int | None = None, gpu: str = "H100") -> dict[str, Any]:
     """Print the plan of ``cfg`` on ``nproc`` GPUs of type ``gpu`` (default: torchrun's WORLD_SIZE, else 1) and
     return it as a dict. Warnings name what the config would do wrong there."""
+    from distill.data import read_limit, source_cap
+
     world = nproc or int(os.environ.get("WORLD_SIZE", "1"))
     check_before_cost(cfg)
     m = cfg.model
@@ -267,21 +286,24 @@ def print_plan(cfg: Config, nproc: int | None = None, gpu: str = "H100") -> dict
     lines += [f"  {k:10s} {_fmt(s.params)} non-embedding parameters ({s.source})" if s else f"  {k:10s} shape unknown"
               for k, s in shapes.items()]
     lines.append("")
-    plans, warnings, total_hours = [], [], 0.0
+    plans, warnings, total_hours, capacity = [], [], 0.0, GPU_MEMORY_GB[gpu] * 1e9
     for phase in (1, 2):
         if phase not in cfg.phases:
             lines += [f"phase{phase}       skipped", ""]
             continue
         pcfg, plan = cfg.phase(phase), _phase_plan(cfg, phase, world)
-        est, mem = estimate_compute(cfg, plan, gpu, world), estimate_memory(cfg, plan)
+        cached, why = gradcache_choice(cfg, plan.longest_tokens, capacity) if phase == 2 else (False, "")
+        est, mem = estimate_compute(cfg, plan, gpu, world), estimate_memory(cfg, phase, plan.longest_tokens, cached)
         plans.append({**asdict(plan), "compute": est, "memory": mem})
         total_hours += est["hours"] or 0.0
         loss = (f"{pcfg.mse_weight}*MSE + {cfg.phase1.cosine_weight}*cosine" if phase == 1 else
                 f"{cfg.phase2.infonce_weight}*InfoNCE(t={cfg.phase2.temperature}, {cfg.phase2.num_negatives} hard "
                 f"negatives{', cross-rank' if cfg.phase2.gather_across_ranks else ''}) + {pcfg.mse_weight}*MSE")
         sources = cfg.data.phase1 if phase == 1 else cfg.data.phase2
+        cap = cfg.phase1.max_samples_per_dataset if phase == 1 else cfg.phase2.max_samples
         lines += [f"phase{phase}       loss {loss}"]
         lines += [f"  source     {s.name or s.path} ({s.path}{':' + s.subset if s.subset else ''}, {s.split})"
+                  + (f", first {n:,} valid rows streamed" if (n := read_limit(s, source_cap(phase, s, cap))) else "")
                   for s in sources]
         lines += [f"  data       {plan.data_note}",
                   f"  examples   {_fmt(plan.examples)}; unique teacher texts: {_fmt(plan.unique_queries)} queries, "
@@ -294,13 +316,13 @@ def print_plan(cfg: Config, nproc: int | None = None, gpu: str = "H100") -> dict
                   f"  compute    teacher {_fmt(est['teacher_flops'])} FLOPs, student {_fmt(est['student_flops'])} "
                   f"FLOPs: {_fmt(est['hours'] and est['hours'] * 60)} min on {world}x{gpu}",
                   f"  memory     {_gb(mem['bytes'])} per GPU ({mem['texts_per_forward']} texts per forward at "
-                  f"{plan.longest_tokens:.0f} tokens{', GradCache' if phase == 2 and cfg.phase2.cached_infonce else ''})",
-                  ""]
+                  f"{plan.longest_tokens:.0f} tokens{', GradCache' if cached else ''})",
+                  *([f"  gradcache  {'on' if cached else 'off'} ({why})"] if phase == 2 else []), ""]
         if plan.steps is not None and plan.warmup is not None and plan.warmup >= plan.steps:
             warnings.append(f"phase{phase}: warm-up ({plan.warmup} steps) is not shorter than the phase "
                             f"({plan.steps} steps); set phase{phase}.warmup_ratio (e.g. 0.1)")
-        if mem["bytes"] and mem["bytes"] > GPU_MEMORY_GB[gpu] * 1e9:
-            fix = "set phase2.cached_infonce: true (GradCache)" if phase == 2 and not cfg.phase2.cached_infonce \
+        if mem["bytes"] and mem["bytes"] > capacity:
+            fix = "set phase2.cached_infonce: true or auto (GradCache)" if phase == 2 and not cached \
                 else f"lower phase{phase}.batch_size (raise gradient_accumulation_steps) or max_length"
             warnings.append(f"phase{phase} may not fit in {GPU_MEMORY_GB[gpu]} GB: {fix}")
     fill = teacher_memory(cfg)

@@ -24,8 +24,9 @@ import os
 import re
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,11 +247,24 @@ class _Index:
         return np.where(hit, self.pos[at], -1)
 
 
+def _open_maps_limit() -> int:
+    """Shard memory maps kept open: each holds a file descriptor, so a quarter of the soft limit (64 to 8192)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 64
+    return 8192 if soft < 0 else max(64, min(8192, soft // 4))
+
+
 class CachedEmbeddings:
     """Vectors of the texts given to :meth:`TeacherCache.lookup`, read lazily from memory-mapped shards: ``emb[rows]``
-    (positions in those texts) -> float32 ``[len(rows), dim]``, an int -> ``[dim]``. Picklable (for DataLoaders)."""
+    (positions in those texts) -> float32 ``[len(rows), dim]``, an int -> ``[dim]``. Picklable (for DataLoaders).
+    Each distinct row is read once, in ascending order, with one read per shard; maps stay open across calls (the most
+    recently used ``_max_open`` of them). Not for concurrent use by two threads."""
 
-    _max_open = 64  # each memory map holds a file descriptor, so only the most recently used shards stay open
+    _max_open = _open_maps_limit()
 
     def __init__(self, shards: list[_Shard], offsets: np.ndarray, positions: np.ndarray, dim: int) -> None:
         self.dim = dim
@@ -277,17 +291,15 @@ class CachedEmbeddings:
             idx = idx.astype(np.int64)
         if idx.dtype.kind not in "iu":
             raise TypeError(f"CachedEmbeddings rows must be integers, got {idx.dtype}")
-        flat = idx.reshape(-1)
-        glob = self._positions[flat]
-        shard_ids = np.searchsorted(self._offsets, glob, side="right") - 1
-        local = glob - self._offsets[shard_ids]
-        out = np.empty((len(flat), self.dim), dtype=np.float32)
-        for s in np.unique(shard_ids):
-            sel = np.nonzero(shard_ids == s)[0]
-            sel = sel[np.argsort(local[sel], kind="stable")]  # ascending rows: sequential reads on disk
-            stored = torch.from_numpy(np.asarray(self._array(int(s))[local[sel]]))
-            out[sel] = stored.view(_DTYPES[self._shards[s].dtype][0]).float().numpy()
-        result = torch.from_numpy(out)
+        wanted, inverse = np.unique(self._positions[idx.reshape(-1)], return_inverse=True)  # sorted, distinct
+        shard_ids = np.searchsorted(self._offsets, wanted, side="right") - 1
+        local = wanted - self._offsets[shard_ids]
+        values = torch.empty((len(wanted), self.dim), dtype=torch.float32)
+        starts = np.flatnonzero(np.diff(shard_ids, prepend=-1)).tolist()
+        for a, b in zip(starts, [*starts[1:], len(wanted)]):  # one shard's rows, ascending: one read
+            s = int(shard_ids[a])
+            values[a:b] = torch.from_numpy(self._array(s)[local[a:b]]).view(_DTYPES[self._shards[s].dtype][0])
+        result = values[torch.from_numpy(inverse.reshape(-1))]
         return result[0] if idx.ndim == 0 else result.reshape(*idx.shape, self.dim)
 
     def _array(self, s: int) -> np.ndarray:
@@ -301,33 +313,106 @@ class CachedEmbeddings:
         return array
 
 
+def token_budget_batches(lengths: np.ndarray, max_rows: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Batches (positions into ``lengths``, the texts' token counts) longest first: ``max_rows`` texts each, or with
+    ``max_tokens`` as many as keep rows x the batch's longest <= max_tokens (at most ``max_rows``; a longer text
+    goes alone). The first batch is the longest, so an out-of-memory batch shows at once."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    if max_tokens is None:
+        return [order[i : i + max_rows] for i in range(0, len(order), max_rows)]
+    batches, i = [], 0
+    while i < len(order):
+        rows = min(max_rows, max(1, max_tokens // max(int(lengths[order[i]]), 1)))
+        batches.append(order[i : i + rows])
+        i += rows
+    return batches
+
+
+def _ahead(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """``fn(item)`` of each item in order, computed up to ``depth`` items ahead on ``pool``; its errors raise here."""
+    queue: deque[Future] = deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) > depth:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
+
+
 class _ShardBuffer:
-    """Accumulates encoded rows and writes a shard every ``shard_size`` rows."""
+    """Collects encode() outputs and writes a shard every ``shard_size`` rows on a background thread (sha256, fsync).
 
-    def __init__(self, cache: TeacherCache, directory: Path) -> None:
-        self.cache, self.directory = cache, directory
-        self.keys: list[np.ndarray] = []
-        self.emb: list[np.ndarray] = []
+    An output stays where encode() left it: on a GPU it is rounded to the storage dtype there, copied without
+    blocking into pinned memory, and its NaN/inf flag computed there; one synchronisation per shard reads the flags.
+    A bad batch is dropped (CacheError once the others are kept). :meth:`close` stores every good row and waits for
+    the writes; a write's error is raised by the next shard or by close."""
+
+    def __init__(self, cache: TeacherCache, directory: Path, dim: int | None) -> None:
+        self.cache, self.directory, self.dim = cache, directory, dim
+        self.parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]] = []  # keys, rows, flag (None: read)
         self.rows = 0
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="teacher-cache-writer")
+        self.writes: list[Future] = []
 
-    def add(self, keys: np.ndarray, emb: np.ndarray) -> None:
-        self.keys.append(keys)
-        self.emb.append(emb)
+    def add(self, keys: np.ndarray, out: Any) -> None:
+        out = self.cache._check_output(out, len(keys), self.dim, self.directory)
+        self.dim = out.shape[1]
+        torch_dtype = _DTYPES[self.cache.dtype][0]
+        # One float32 pass catches NaN (the comparison is False), inf, and values that round to inf in torch_dtype.
+        ok = out.float().abs().amax() <= torch.finfo(torch_dtype).max
+        stored = out.to(torch_dtype)
+        host = torch.empty(stored.shape, dtype=torch_dtype, pin_memory=stored.is_cuda)
+        host.copy_(stored, non_blocking=True)
+        self.parts.append((keys, host, ok))
         self.rows += len(keys)
-        while self.rows >= self.cache.shard_size:
-            self._write(self.cache.shard_size)
+        if self.rows >= self.cache.shard_size:
+            self._settle()
+            while self.rows >= self.cache.shard_size:
+                self._submit(self.cache.shard_size)
+            self._reap(keep=2)
 
-    def flush(self) -> None:
-        if self.rows:
-            self._write(self.rows)
+    def close(self) -> None:
+        try:
+            self._settle()
+        finally:
+            if self.rows:
+                self._submit(self.rows)
+            self.writer.shutdown(wait=True)
+            self._reap(keep=0)
 
-    def _write(self, n: int) -> None:
-        keys, emb = np.concatenate(self.keys), np.concatenate(self.emb)
-        stem = _write_shard(self.directory, get_info().rank, keys[:n], emb[:n], self.cache.dtype)
+    def _settle(self) -> None:
+        """Read the new flags (the one device synchronisation: the host copies before them are then complete)."""
+        fresh = [i for i, part in enumerate(self.parts) if part[2] is not None]
+        if not fresh:
+            return
+        flags = torch.stack([self.parts[i][2] for i in fresh]).cpu().tolist()
+        bad = {i for i, good in zip(fresh, flags) if not good}
+        self.parts = [(keys, host, None) for i, (keys, host, _) in enumerate(self.parts) if i not in bad]
+        self.rows = sum(len(part[0]) for part in self.parts)
+        if bad:
+            raise CacheError(f"encode() returned NaN/inf (or values beyond the {self.cache.dtype} range) in "
+                             f"{len(bad)} batch(es); nothing stored for them")
+
+    def _reap(self, keep: int) -> None:
+        """Wait until at most ``keep`` writes are in flight; raise the first error of the finished ones (once)."""
+        done, self.writes = [w for w in self.writes if w.done()], [w for w in self.writes if not w.done()]
+        while len(self.writes) > keep:
+            done.append(self.writes.pop(0))
+        for write in done:
+            write.result()
+
+    def _submit(self, n: int) -> None:
+        keys, emb = np.concatenate([p[0] for p in self.parts]), torch.cat([p[1] for p in self.parts])
+        self.parts = [(keys[n:], emb[n:], None)] if len(keys) > n else []
+        self.rows -= n
+        self.writes.append(self.writer.submit(self._write, keys[:n], emb[:n]))
+
+    def _write(self, keys: np.ndarray, emb: torch.Tensor) -> None:
+        array = emb.view(torch.int16).numpy() if self.cache.dtype == "bfloat16" else emb.numpy()
+        stem = _write_shard(self.directory, get_info().rank, keys, array, self.cache.dtype)
         # Hashed while writing, so this process need not read it back to trust it.
         self.cache._verified.add(_stat_key(self.directory / f"{stem}.emb.npy"))
-        self.keys, self.emb = [keys[n:]], [emb[n:]]
-        self.rows -= n
 
 
 class TeacherCache:
@@ -354,13 +439,17 @@ class TeacherCache:
         self,
         namespace: str,
         texts: Sequence[str],
-        encode: Callable[[list[str]], torch.Tensor],
+        encode: Callable[[Any], Any],
         batch_size: int,
         progress: bool = True,
+        max_tokens: int | None = None,
     ) -> int:
         """Encode and store every distinct text not cached yet; returns how many THIS rank encoded. Collective (same
         ``texts`` on every rank): the missing texts are dealt round-robin, each rank encodes its share longest first
-        (an out-of-memory batch shows at once); if ``encode`` raises, the rows already encoded are stored first."""
+        (an out-of-memory batch shows at once) in :func:`token_budget_batches` of ``batch_size`` / ``max_tokens``.
+        ``encode(batch_texts)`` -> [n, dim] (any device); if it also has ``lengths(texts)`` (token counts; else
+        characters count) and ``prepare(texts)``, encode receives ``prepare``'s result, computed on a background thread
+        while the previous batch runs. If anything raises, the rows already encoded are stored first."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"teacher cache batch_size must be a positive integer, got {batch_size!r}")
         info = get_info()
@@ -376,20 +465,20 @@ class TeacherCache:
         if len(mine):
             directory.mkdir(parents=True, exist_ok=True)
             share = _gather(texts, mine)
-            order = np.argsort([-len(t) for t in share], kind="stable")
-            buffer = _ShardBuffer(self, directory)
-            dim = index.dim
+            lengths = encode.lengths(share) if hasattr(encode, "lengths") else [len(t) for t in share]
+            batches = token_budget_batches(lengths, batch_size, max_tokens)
+            prepare = getattr(encode, "prepare", None) or (lambda batch: batch)
+            buffer = _ShardBuffer(self, directory, index.dim)
             bar = tqdm(total=len(mine), disable=not (progress and info.is_main), unit="text", desc="teacher embeddings")
             try:
-                for start in range(0, len(order), batch_size):
-                    batch = order[start : start + batch_size]
-                    stored = self._to_storage(encode([share[i] for i in batch]), len(batch), dim, directory)
-                    dim = stored.shape[1]
-                    buffer.add(keys[mine[batch]], stored)
-                    bar.update(len(batch))
+                with ThreadPoolExecutor(1, thread_name_prefix="teacher-prepare") as pool:
+                    inputs = _ahead(pool, prepare, ([share[i] for i in batch] for batch in batches))
+                    for batch, features in zip(batches, inputs):
+                        buffer.add(keys[mine[batch]], encode(features))
+                        bar.update(len(batch))
             finally:
                 bar.close()
-                buffer.flush()  # also when encode raised: keep the rows already encoded
+                buffer.close()  # also when encode raised: keep the rows already encoded
         barrier()
         still = first[self._synced_index(namespace).find(keys[first]) < 0]
         if len(still):
@@ -468,9 +557,9 @@ class TeacherCache:
         broadcast_object([s.stem for s in index.shards])
         return index
 
-    def _to_storage(self, out: Any, rows: int, dim: int | None, directory: Path) -> np.ndarray:
-        """encode() output [rows, dim] -> numpy array in the storage dtype, after checking shape and range."""
-        out = torch.as_tensor(out)
+    def _check_output(self, out: Any, rows: int, dim: int | None, directory: Path) -> torch.Tensor:
+        """encode() output as a detached tensor [rows, dim], after checking its shape (no device synchronisation)."""
+        out = torch.as_tensor(out).detach()
         if out.ndim != 2 or out.shape[0] != rows or out.shape[1] == 0:
             raise CacheError(
                 f"encode() returned shape {list(out.shape)} for a batch of {rows} texts; expected [{rows}, dim]"
@@ -480,12 +569,4 @@ class TeacherCache:
                 f"encode() returned dim {out.shape[1]} but teacher cache {directory} holds dim {dim}; "
                 "the namespace must change when the teacher does"
             )
-        torch_dtype = _DTYPES[self.dtype][0]
-        values = out.detach().to("cpu", torch.float32)
-        # One float32 pass catches NaN (the comparison is False), inf, and values that round to inf in torch_dtype.
-        if not bool(values.abs().max() <= torch.finfo(torch_dtype).max):
-            raise CacheError(
-                f"encode() returned NaN/inf (or values beyond the {self.dtype} range); nothing stored for this batch"
-            )
-        stored = values.to(torch_dtype).contiguous()
-        return stored.view(torch.int16).numpy() if self.dtype == "bfloat16" else stored.numpy()
+        return out

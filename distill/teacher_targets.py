@@ -16,7 +16,7 @@ import torch
 from distill import distributed as D
 from distill.config import Config
 from distill.data import load_phase_data
-from distill.models import TeacherEncoder, TeacherSpec, teacher_spec_from_config
+from distill.models import TeacherEncoder, TeacherSpec, VllmTeacher, check_teacher_runtime, teacher_spec_from_config
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +30,48 @@ class TeacherTargets:
 
 
 class LazyTeacher:
-    """Loads the teacher on first use (so a fully cached phase never loads it) and frees it on :meth:`release`."""
+    """Loads the teacher on first use (so a fully cached phase never loads it) and frees it on :meth:`release`;
+    ``backend``: ``transformers`` (:class:`TeacherEncoder`) or ``vllm`` (:class:`VllmTeacher`)."""
 
-    def __init__(self, spec: TeacherSpec, device: torch.device, attn_implementation: str, batch_size: int):
-        self.spec, self.device, self.attn, self.batch_size = spec, device, attn_implementation, batch_size
-        self.encoder: TeacherEncoder | None = None
+    def __init__(self, spec: TeacherSpec, device: torch.device, attn_implementation: str = "auto",
+                 backend: str = "transformers"):
+        self.spec, self.device, self.attn, self.backend = spec, device, attn_implementation, backend
+        self.encoder: TeacherEncoder | VllmTeacher | None = None
 
-    def encode_fn(self, role: str) -> Callable[[list[str]], torch.Tensor]:
-        def encode(texts: list[str]) -> torch.Tensor:
-            if self.encoder is None:
-                log.info("loading teacher %s (%s, %s pooling)", self.spec.name, self.spec.dtype, self.spec.pooling)
-                self.encoder = TeacherEncoder(self.spec, self.device, self.attn)
-            return self.encoder.encode(texts, role, self.batch_size)
+    def load(self) -> TeacherEncoder | VllmTeacher:
+        if self.encoder is None:
+            log.info("loading teacher %s (%s, %s, %s pooling)", self.spec.name, self.backend, self.spec.dtype,
+                     self.spec.pooling)
+            self.encoder = VllmTeacher(self.spec) if self.backend == "vllm" else \
+                TeacherEncoder(self.spec, self.device, self.attn)
+        return self.encoder
 
-        return encode
+    def encode_fn(self, role: str) -> _RoleEncoder:
+        return _RoleEncoder(self, role)
 
     def release(self) -> None:
         self.encoder = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class _RoleEncoder:
+    """One role of a :class:`LazyTeacher` as :meth:`TeacherCache.fill` pipelines it: ``lengths`` (token counts, on
+    the calling thread, first: it loads the teacher), ``prepare`` (tokenisation, on fill's background thread) and
+    the call (the forward)."""
+
+    def __init__(self, teacher: LazyTeacher, role: str):
+        self.teacher, self.role = teacher, role
+
+    def lengths(self, texts: list[str]) -> np.ndarray:
+        return self.teacher.load().lengths(texts, self.role)
+
+    def prepare(self, texts: list[str]) -> Any:
+        return self.teacher.load().prepare(texts, self.role)
+
+    def __call__(self, features: Any) -> torch.Tensor:
+        return self.teacher.load().forward(features)
 
 
 def open_cache(cfg: Config):
@@ -61,11 +83,12 @@ def open_cache(cfg: Config):
 def fill_roles(cfg: Config, cache, spec: TeacherSpec, tables: dict[str, Sequence[str]], device: torch.device) -> int:
     """Embed every missing text of each role (collective); returns the global forward count. Look up through the
     same ``cache`` afterwards: it has already verified the shards it read."""
-    teacher = LazyTeacher(spec, device, cfg.model.attn_implementation, cfg.model.teacher_batch_size)
+    m = cfg.model
+    teacher = LazyTeacher(spec, device, m.teacher_attn_implementation, m.teacher_backend)
     local = 0
     for role, texts in tables.items():
-        local += cache.fill(spec.fingerprint(role), texts, teacher.encode_fn(role),
-                            batch_size=cfg.model.teacher_batch_size)
+        local += cache.fill(spec.fingerprint(role), texts, teacher.encode_fn(role), batch_size=m.teacher_batch_size,
+                            max_tokens=m.teacher_max_tokens_per_batch)
     teacher.release()
     return int(D.all_reduce_sum(torch.tensor(local)).item())
 
@@ -112,6 +135,8 @@ def _phase_tables(cfg: Config) -> dict[str, tuple[int, dict[str, Sequence[str]]]
 
 def precompute(cfg: Config, dry_run: bool = False) -> dict[str, dict[str, Any]]:
     """Fill (or, with ``dry_run``, count) the cache for every phase of ``cfg``; returns per-phase numbers."""
+    if not dry_run:
+        check_teacher_runtime(cfg.model)
     info = D.init_distributed(timeout_s=cfg.training.dist_timeout_s)
     cache = open_cache(cfg)
     report: dict[str, dict[str, Any]] = {}

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from distill import distributed as D
 from distill import hardware
 from distill.atomic import replace_dir, write_json_atomic
-from distill.batches import Phase1Task, Phase2Task, PhaseTask
+from distill.batches import Phase1Task, Phase2Task, PhaseTask, Prefetch
 from distill.checkpoint import (
     CheckpointManager,
     LoadedCheckpoint,
@@ -69,6 +69,7 @@ class PhaseRun:
     real_tokens: int = 0
     padded_tokens: int = 0
     consecutive_nonfinite: int = 0
+    inputs: Any = None  # the Prefetch of each micro-batch's inputs, in groups() order, while the loop runs
 
     @property
     def name(self) -> str:
@@ -76,11 +77,16 @@ class PhaseRun:
 
     def groups(self) -> Iterator[tuple[int, int, list[list[int]]]]:
         """(epoch, index of the first micro-batch, micro-batches of one optimizer step), from the resume point on."""
-        for epoch in range(self.state.epoch, self.epochs):
+        epoch0, micro0 = self.state.epoch, self.state.micro
+        for epoch in range(epoch0, self.epochs):
             batches = self.sampler.batches(epoch)
-            start = self.state.micro if epoch == self.state.epoch else 0
-            for i in range(start, len(batches), self.accum):
+            for i in range(micro0 if epoch == epoch0 else 0, len(batches), self.accum):
                 yield epoch, i, batches[i : i + self.accum]
+
+    def prefetch(self, depth: int, device: torch.device) -> Prefetch:
+        """Start preparing every micro-batch's inputs in order, ``depth`` ahead on a background thread (0: none)."""
+        self.inputs = Prefetch((b for _, _, group in self.groups() for b in group), self.task.prepare, depth, device)
+        return self.inputs
 
 
 class Trainer:
@@ -190,7 +196,8 @@ class Trainer:
                  run.sampler.batch_size, run.sampler.global_batch_size, run.accum,
                  run.sampler.global_batch_size * run.accum, run.total_steps,
                  self.cfg.phase(phase).warmup(run.total_steps))
-        self._loop(run)
+        with run.prefetch(self.cfg.training.prefetch_batches, self.device):  # the thread ends with the loop
+            self._loop(run)
         totals = D.all_reduce_sum(torch.tensor([run.real_tokens, run.padded_tokens], dtype=torch.float64))
         self.padding[run.name] = float(totals[0] / totals[1]) if totals[1] > 0 else 1.0
         log.info("%s done: %d steps, padding efficiency (real / padded tokens) %.3f, %d non-finite steps skipped",
@@ -206,6 +213,7 @@ class Trainer:
         from transformers import get_linear_schedule_with_warmup
 
         from distill.data import tokenize_table
+        from distill.gradcache import resolve_cached_infonce
         from distill.teacher_targets import build_teacher_targets
 
         cfg, pcfg, name = self.cfg, self.cfg.phase(phase), f"phase{phase}"
@@ -225,8 +233,10 @@ class Trainer:
             task: PhaseTask = Phase1Task(data, tables, targets, self._loss(1), **common)
             lengths = phase1_lengths(data.examples, tables[0].lengths, tables[1].lengths)
         else:
-            task = Phase2Task(data, tables, targets, self._loss(2), cached=pcfg.cached_infonce,
-                              mini_batch_size=pcfg.mini_batch_size, **common)
+            cached, why = resolve_cached_infonce(cfg, [t.lengths for t in tables], self.device)
+            log.info("phase2: GradCache %s (%s)", "on" if cached else "off", why)
+            task = Phase2Task(data, tables, targets, self._loss(2), cached=cached, mini_batch_size=pcfg.mini_batch_size,
+                              **common)
             lengths = phase2_lengths(data.examples, tables[0].lengths, tables[1].lengths)
         sampler = LengthGroupedBatchSampler(lengths, pcfg.batch_size, self.info.rank, self.info.world_size,
                                             seed=cfg.training.seed + phase, pool_batches=cfg.data.length_pool_batches)
@@ -299,9 +309,9 @@ class Trainer:
         no_sync = model.no_sync if D.is_distributed() else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         terms: dict[str, torch.Tensor] = {}
-        for j, batch in enumerate(group):
-            out = run.task.backward(model, batch, scale=1.0 / len(group), scaler=run.scaler, no_sync=no_sync,
-                                    last=j == len(group) - 1)
+        for j in range(len(group)):
+            out = run.task.backward(model, next(run.inputs), scale=1.0 / len(group), scaler=run.scaler,
+                                    no_sync=no_sync, last=j == len(group) - 1)
             loss_sum += out.loss.detach().double()
             for k, v in out.terms.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().double()
@@ -414,7 +424,7 @@ class Trainer:
         rng = torch.get_rng_state()
         probe = task.with_loss(self._loss(phase, gather=False))
         self.model.zero_grad(set_to_none=True)
-        probe.loss(self.model, sampler.batches(0)[0][:2]).loss.backward()  # no collectives: runs before DDP exists
+        probe.loss(self.model, probe.prepare(sampler.batches(0)[0][:2])).loss.backward()  # no DDP yet: no collectives
         frozen = [n for n, p in self.model.named_parameters() if p.grad is None]
         for _, p in self.model.named_parameters():
             if p.grad is None:
@@ -587,7 +597,7 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
     from distill.plan import check_before_cost
 
     check_resume_path(resume_from)  # a wrong --resume-from fails at once
-    if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce:
+    if cfg.training.precision == "fp16" and cfg.phase2.cached_infonce is True:
         raise ConfigError("phase2.cached_infonce works with training.precision bf16 or fp32, not fp16")
     check_before_cost(cfg)  # before any process group: bad files, dims, folders fail in seconds
     if cfg.training.save_to_artifacts and not overwrite:
@@ -597,7 +607,7 @@ def run(cfg: Config, *, overwrite: bool = False, allow_config_change: bool = Fal
         torch.set_num_threads(cfg.training.num_threads)
     t = cfg.training
     precision, why = hardware.resolve_precision(t.precision, info.device, cpu_tuning=t.cpu_tuning,
-                                                cached_infonce=cfg.phase2.cached_infonce)
+                                                cached_infonce=cfg.phase2.cached_infonce is True)
     if info.is_main and t.precision == "auto":
         log.info("training.precision auto -> %s (%s)", precision, why)
     elif info.is_main and why:

@@ -397,6 +397,48 @@ def test_hub_source_via_load_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyP
         load_phase1(p1(SourceConfig("org/offline", split="validation")), None, 0, tmp_path / "w")
 
 
+def serve_as_hub(monkeypatch: pytest.MonkeyPatch, path: Path, cache: Path) -> dict[str, Any]:
+    """Every Hub id loads ``path`` through datasets' own json loader (streamed or not, as asked); ``stats`` counts
+    the rows datasets yielded and records each call's ``streaming``."""
+    real, stats = datasets.load_dataset, {"pulled": 0, "streaming": []}
+
+    def pull(row: dict[str, Any]) -> dict[str, Any]:
+        stats["pulled"] += 1
+        return row
+
+    def fake(name: str, subset: str | None = None, split: str | None = None, **kw: Any) -> Any:
+        stats["streaming"].append(kw.get("streaming", False))
+        ds = real("json", data_files=str(path), split="train", cache_dir=str(cache), **kw)
+        return ds.map(pull) if kw.get("streaming") else ds.map(pull, load_from_cache_file=False)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    return stats
+
+
+def test_capped_hub_source_streams_only_its_first_valid_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = flag_rows(2000, negs=1)
+    rows[2]["query"], rows[5] = " ", rows[0]  # a bad row and a duplicate among the first ones
+    stats = serve_as_hub(monkeypatch, write_jsonl(tmp_path / "hub.jsonl", rows), tmp_path / "hf")
+    src = SourceConfig("org/flag", subset="pairs")
+    first10 = [f"query {i}" for i in (0, 1, 3, 4, 6, 7, 8, 9, 10, 11)]
+    runs = [load_phase2(p2(src, on_bad_row="skip"), 1, 10, seed, tmp_path / f"w{seed}") for seed in (0, 7)]
+    assert stats["streaming"] == [True, True] and stats["pulled"] <= 2 * 20  # batches of 10, not 2000 rows
+    for out in runs:  # the first 10 valid unique rows, whatever the seed
+        assert sorted(out.queries[:], key=lambda q: int(q.split()[1])) == first10
+        r = out.reports[0]
+        assert (r.rows_read, r.kept, r.dropped_bad, r.dropped_duplicate, r.sampled_out) == (12, 10, 1, 1, 0)
+    assert phase2_rows(runs[0]) == phase2_rows(runs[1])
+    stats["pulled"] = 0
+    one = load_phase1(p1(SourceConfig("org/flag", max_samples=4), on_bad_row="skip"), 100, 0, tmp_path / "p1")
+    assert stats["streaming"][-1] and stats["pulled"] <= 8 and one.queries[:] == first10[:4]
+    # uncapped: the whole split is read, as before, the same rows as the file read locally
+    stats["pulled"] = 0
+    full = load_phase2(p2(src, on_bad_row="skip"), 1, None, 0, tmp_path / "full")
+    local = load_phase2(p2(SourceConfig(str(tmp_path / "hub.jsonl")), on_bad_row="skip"), 1, None, 0, tmp_path / "l")
+    assert stats["streaming"][-1] is False and stats["pulled"] == 2000 and full.reports[0].rows_read == 2000
+    assert phase2_rows(full) == phase2_rows(local) and len(full.examples) == 1998
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # prepared folders
 # ---------------------------------------------------------------------------------------------------------------

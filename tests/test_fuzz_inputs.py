@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from distill.config import DataConfig, SourceConfig
 from distill.data import load_phase1, load_phase2, preflight
 from distill.errors import DataError
+from distill.evaluate import read_beir
 from tiny_data import tiny_config_yaml, write_training_files
 from tiny_models import REPO_ROOT
 
@@ -39,6 +41,7 @@ def _mutations(rng: random.Random) -> list[tuple[str, bytes]]:
         ("too few negatives", json.dumps({**GOOD, "neg": GOOD["neg"][: rng.randrange(0, 3)]}).encode()),
         ("null negative", json.dumps({**GOOD, "neg": [None, "a", "b"]}).encode()),
         ("nested object as text", json.dumps({**GOOD, "query": {"text": "x"}}).encode()),
+        ("lone surrogate escape", json.dumps({**GOOD, "query": "a\ud800b"}).encode()),
     ]
 
 
@@ -111,3 +114,40 @@ def test_bad_data_through_the_cli_fails_fast_and_writes_nothing(tmp_path, tiny_t
     out = Path(tmp_path / "out")
     assert not (out / "distilled-model-48d-tiny").exists()  # no run folder, checkpoint or artifact
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_lone_surrogate_escapes_are_bad_rows_in_training_and_beir_files(tmp_path):
+    """Valid JSON whose decoded text cannot be encoded as UTF-8 (tokenizers, hashing and Arrow would crash later)."""
+    p1, p2 = tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"
+    p1.write_text('{"query": "ok", "document": "fine"}\n{"query": "a\\udc80b", "document": "d"}\n')
+    p2.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "query": "x", "pos": ["a\ud800"]}) + "\n"
+                  + json.dumps({**GOOD, "query": "\U0001f600 emoji (a valid surrogate pair)"}) + "\n")
+    load = {1: lambda cfg, w: load_phase1(cfg, max_samples_per_dataset=None, seed=0, work_dir=w),
+            2: lambda cfg, w: load_phase2(cfg, num_negatives=3, max_samples=None, seed=0, work_dir=w)}
+    for phase, path in ((1, p1), (2, p2)):
+        sources = {"phase1": [SourceConfig(path=str(path))] if phase == 1 else [],
+                   "phase2": [SourceConfig(path=str(path))] if phase == 2 else []}
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8 \(lone surrogate"):
+            load[phase](DataConfig(**sources), tmp_path / f"work{phase}")
+        assert not any((tmp_path / f"work{phase}").rglob("*.arrow"))
+        (report,) = load[phase](DataConfig(**sources, on_bad_row="skip"), tmp_path / f"skip{phase}").reports
+        assert (report.rows_read, report.dropped_bad, report.kept) == {1: (2, 1, 1), 2: (3, 1, 2)}[phase]
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({**GOOD, "neg": ["\udfff", "b", "c"]}) + "\n")
+    with pytest.raises(DataError, match="first.jsonl:1: not valid UTF-8"):
+        preflight(DataConfig(phase1=[], phase2=[SourceConfig(path=str(first))]), [2], 3)
+
+    beir = write_training_files(tmp_path / "data")["beir"]
+    good = {name: (beir / name).read_bytes() for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")}
+    cases = [("corpus.jsonl", b'{"_id": "d0", "text": "doc \\ud800 one"}'),
+             ("corpus.jsonl", b'{"_id": "d\\udfff", "text": "doc"}'),
+             ("queries.jsonl", b'{"_id": "q0", "title": "t", "text": "\\udc00"}'),
+             ("corpus.jsonl", b'{"_id": "d0", "text": "bad byte \xff"}'),
+             ("qrels/test.tsv", b"q0\td\xff0\t1")]
+    for name, line in cases:
+        (beir / name).write_bytes(line + b"\n" + good[name])
+        with pytest.raises(DataError) as err:
+            read_beir(beir)
+        assert str(err.value).startswith(f"{beir / name}:1: not valid UTF-8"), (name, str(err.value))
+        (beir / name).write_bytes(good[name])
+    assert len(read_beir(beir).queries) > 0

@@ -95,3 +95,30 @@ def test_no_sync_wraps_all_but_the_last_chunk():
     entered.clear()
     cached_backward(model, [x[:3], x[3:6], x[6:]], lambda e: (e.pow(2).sum(), {}), no_sync=Ctx, sync_last=False)
     assert len(entered) == 3
+
+
+def test_trainer_resolves_auto_like_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's choice: the plan's gradcache_choice at the longest tokenized text and the CUDA device's memory;
+    on CPU auto is off (no memory figure)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from distill.config import load_config
+    from distill.gradcache import resolve_cached_infonce
+    from distill.plan import gradcache_choice
+
+    default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    huge, small = load_config(default, ["phase2.batch_size=128"]), load_config(default)
+    lengths = [np.array([12, 30]), np.array([80, 256, 40])]
+    cpu = resolve_cached_infonce(huge, lengths, torch.device("cpu"))
+    assert cpu == (False, "auto: off, no device memory figure (CPU)")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80e9))
+    gpu = torch.device("cuda", 0)
+    assert resolve_cached_infonce(huge, lengths, gpu) == gradcache_choice(huge, 256, 80e9)
+    assert resolve_cached_infonce(huge, lengths, gpu)[0] is True and "~148.6 GB per GPU without it" in \
+        resolve_cached_infonce(huge, lengths, gpu)[1]
+    assert resolve_cached_infonce(small, lengths, gpu) == gradcache_choice(small, 256, 80e9)
+    assert resolve_cached_infonce(small, lengths, gpu)[0] is False
+    assert resolve_cached_infonce(small, [lengths[0], np.array([512])], gpu)[0] is True  # longer texts: more memory

@@ -39,18 +39,50 @@ def test_default_recipe_on_8_gpus_has_no_warnings_and_states_assumptions(monkeyp
     shape = Shape(*teacher, source="test")
     assert est["teacher_flops"] == pytest.approx(shape.forward_flops(tokens, 80))
     assert phase2["memory"]["texts_per_forward"] == 64 * 9
+    assert "hotpotqa (sentence-transformers/hotpotqa:triplet, train), first 100,000 valid rows streamed" in out
 
 
 def test_plan_warns_about_warmup_and_memory(monkeypatch, capsys) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = load_config(DEFAULT, ["phase1.warmup_ratio=null", "phase2.max_length=512", "phase2.batch_size=128"])
+    cfg = load_config(DEFAULT, ["phase1.warmup_ratio=null", "phase2.batch_size=128", "phase2.cached_infonce=false"])
     plan = print_plan(cfg, nproc=8)
     assert any("phase1: warm-up (1000 steps) is not shorter than the phase" in w for w in plan["warnings"])
-    assert any("phase2 may not fit in 80 GB: set phase2.cached_infonce: true" in w for w in plan["warnings"])
+    assert any("phase2 may not fit in 80 GB: set phase2.cached_infonce: true or auto" in w for w in plan["warnings"])
     cached = print_plan(load_config(DEFAULT, ["phase2.batch_size=128", "phase2.cached_infonce=true"]), nproc=8)
     assert cached["phases"][1]["memory"]["texts_per_forward"] == 32 and cached["warnings"] == []
     more = print_plan(load_config(DEFAULT), nproc=16)
     assert more["phases"][0]["steps"] < 293 and more["hours"] < print_plan(load_config(DEFAULT), nproc=8)["hours"]
+
+
+def test_plan_chooses_gradcache_where_phase2_would_not_fit(monkeypatch, capsys) -> None:
+    """cached_infonce auto (default.yaml): on for a phase-2 batch whose estimate exceeds the stated 80 GB GPU, off for
+    the default one that fits, with the reason printed; set values are kept, no capacity (CPU) or fp16: off."""
+    from distill.errors import ConfigError
+    from distill.plan import estimate_memory, gradcache_choice
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    huge, small = load_config(DEFAULT, ["phase2.batch_size=128"]), load_config(DEFAULT)
+    assert huge.phase2.cached_infonce == small.phase2.cached_infonce == "auto"
+    plan = print_plan(huge, nproc=8)
+    out = capsys.readouterr().out
+    need = estimate_memory(huge, 2, 256)["bytes"]  # 1152 texts of 256 tokens (the assumed longest, data unreadable)
+    assert need > 80e9 and plan["warnings"] == [] and plan["phases"][1]["memory"]["texts_per_forward"] == 32
+    assert f"gradcache  on (auto: on, phase 2 needs ~{need / 1e9:.1f} GB per GPU without it, 80.0 GB available)" in out
+    plan = print_plan(small, nproc=8)
+    off = "gradcache  off (auto: off, phase 2 needs ~75.2 GB per GPU without it, 80.0 GB available)"
+    assert off in capsys.readouterr().out
+    assert plan["phases"][1]["memory"]["texts_per_forward"] == 64 * 9
+    mid = load_config(DEFAULT, ["phase2.batch_size=96"])  # ~112 GB: on for an 80 GB GPU, off for a 141 GB H200
+    assert [print_plan(mid, nproc=8, gpu=g)["phases"][1]["memory"]["texts_per_forward"] for g in ("H100", "H200")] \
+        == [32, 96 * 9]
+    # set values are kept; no device memory figure (CPU) or fp16 training: off
+    choice = lambda *sets: gradcache_choice(load_config(DEFAULT, ["phase2.batch_size=128", *sets]), 256, 80e9)
+    assert choice("phase2.cached_infonce=false") == (False, "phase2.cached_infonce: false")
+    assert choice("phase2.cached_infonce=true", "phase2.batch_size=8") == (True, "phase2.cached_infonce: true")
+    assert choice("training.precision=fp16")[0] is False
+    assert gradcache_choice(huge, 256, None) == (False, "auto: off, no device memory figure (CPU)")
+    with pytest.raises(ConfigError, match=r"phase2.cached_infonce must be true, false or auto, got 1$"):
+        load_config(DEFAULT, ["phase2.cached_infonce=1"])
 
 
 def test_cli_plan_takes_the_world_size(tmp_path: Path) -> None:
@@ -75,7 +107,7 @@ def test_plan_reads_the_phase_data_and_writes_nothing(tmp_path: Path, monkeypatc
     assert cfg.phases == [2]
     plan = print_plan(cfg)
     out = capsys.readouterr().out
-    assert "phase1       skipped" in out
+    assert "phase1       skipped" in out and "streamed" not in out  # local files: read in full
     (phase2,) = plan["phases"]
     assert phase2["name"] == "phase2" and phase2["data_note"].startswith("read") and phase2["examples"] == 40
     assert not (tmp_path / "out").exists()

@@ -436,3 +436,63 @@ def test_a_failed_checkpoint_write_is_one_line_with_the_path_and_keeps_the_previ
     assert "\n" not in message
     monkeypatch.setattr(torch, "save", real_save)
     assert load_latest(tmp_path / "run" / "checkpoints").path.name == "phase1-step00000002"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "-0.001", "1e10"])
+def test_dist_timeout_s_out_of_range_is_refused_at_load(value):
+    from distill.config import load_config
+    from distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training\.dist_timeout_s must be (>|<=)"):
+        load_config(None, [f"training.dist_timeout_s={value}"])
+    assert load_config(None, ["training.dist_timeout_s=0.001"]).training.dist_timeout_s == 0.001
+
+
+def test_collective_errors_become_one_line_naming_dist_timeout_s(capsys, monkeypatch):
+    """gloo's timeouts and dropped connections, the store's timeouts and any torch.distributed error end a rank with one
+    ``error:`` line (status 2, no traceback); other RuntimeErrors keep their traceback."""
+    import torch.distributed as dist
+
+    from distill import distributed
+    from distill.cli import run_guarded
+
+    monkeypatch.setattr(distributed, "_TIMEOUT_S", 0.5)
+    gloo = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/{}] "
+    timeouts = [RuntimeError(gloo.format("unbound_buffer.cc:78") + "Timed out waiting 500ms for recv operation"),
+                dist.DistNetworkError("The client socket has timed out after 500ms while trying to connect"),
+                dist.DistStoreError("wait timeout after 500ms, keys: /default_pg/0//cpu//0/0")]
+    for error in timeouts:
+        message = str(distributed.collective_error(error))
+        assert message.startswith("a collective timed out after training.dist_timeout_s=0.5 s"), message
+        assert "\n" not in message and "[/__w" not in message
+    closed = distributed.collective_error(RuntimeError(gloo.format("pair.cc:553") + "Connection closed by peer\nGLHF"))
+    assert str(closed) == ("a collective failed, probably because another rank stopped (see its error): "
+                           "Connection closed by peer GLHF")
+    assert distributed.collective_error(RuntimeError("shape mismatch: timed out")) is None
+    assert distributed.collective_error(ValueError("x")) is None
+
+    def raising(error: Exception):
+        def command() -> int:
+            raise error
+        return command
+
+    assert run_guarded(raising(timeouts[0])) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {distributed.collective_error(timeouts[0])}"]
+    with pytest.raises(RuntimeError, match="unrelated"):
+        run_guarded(raising(RuntimeError("unrelated")))
+
+
+def test_tiny_dist_timeout_s_ends_every_rank_with_one_line_and_writes_nothing(tmp_path, tiny_teacher_dir,
+                                                                               tiny_student_dir, files):
+    """A valid but tiny timeout (1 ms) under torchrun: the ranks stop within seconds, each with one ``error:`` line
+    (the first names training.dist_timeout_s), no traceback from the package, no run folder."""
+    cfg = _config(tmp_path, tiny_teacher_dir, tiny_student_dir, files)
+    start = time.time()
+    res = run_torchrun(REPO_ROOT / "train_ddp.py", nproc=2, timeout=120,
+                       args=["--config", str(cfg), *OVERRIDES, "--set", "training.dist_timeout_s=0.001"])
+    assert res.returncode != 0 and time.time() - start < 120
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert errors and "a collective timed out after training.dist_timeout_s=0.001 s" in errors[0], res.stderr[-3000:]
+    assert all("dist_timeout_s" in x or "another rank stopped" in x for x in errors), errors
+    assert f'File "{REPO_ROOT / "distill"}' not in res.stderr
+    assert not (tmp_path / "out" / EXPERIMENT).exists() and not (tmp_path / "artifacts").exists()

@@ -352,12 +352,14 @@ def test_encoder_error_keeps_finished_rows(tmp_path: Path) -> None:
 
 
 def test_hard_kill_mid_fill_keeps_complete_shards(tmp_path: Path) -> None:
-    """A process killed inside encode (no cleanup at all) loses only the rows not yet in a shard."""
+    """A process killed inside encode (no cleanup at all) loses only the rows not yet in a shard. Shards are written
+    on a background thread, so the kill waits (at most 60 s) until the two full shards' manifests are there."""
     script = tmp_path / "killed.py"
     script.write_text(
         textwrap.dedent(
             f"""
-            import os, sys
+            import os, sys, time
+            from pathlib import Path
             sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
             from test_teacher_cache import FakeEncoder, make_texts
             from distill.teacher_cache import TeacherCache
@@ -365,6 +367,9 @@ def test_hard_kill_mid_fill_keeps_complete_shards(tmp_path: Path) -> None:
             enc = FakeEncoder()
             def encode(batch):
                 if enc.calls == 5:
+                    deadline = time.time() + 60
+                    while len(list(Path({str(tmp_path / "cache" / NS)!r}).glob("*.json"))) < 2 and time.time() < deadline:
+                        time.sleep(0.01)
                     os._exit(9)
                 return enc(batch)
             TeacherCache({str(tmp_path / "cache")!r}, shard_size=8).fill({NS!r}, make_texts(50), encode, 4, False)
