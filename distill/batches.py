@@ -10,7 +10,8 @@ The training loop (:mod:`distill.trainer`) is the same for both phases; everythi
   activation memory of one chunk of ``mini_batch_size`` texts.
 
 Texts are sorted by length and padded per chunk (:func:`pad_chunks`), so documents of one batch that vary in
-length waste little compute on padding.
+length waste little compute on padding. :func:`token_budget_batches` groups texts that are only encoded (the
+teacher cache, evaluation) into length-sorted batches of a bounded number of padded tokens.
 """
 
 from __future__ import annotations
@@ -297,3 +298,19 @@ class Phase2Task(PhaseTask):
         loss, terms = cached_backward(forward, inp.chunks, lambda e: inp.loss(self.loss_fn, e), scale=scale,
                                       no_sync=no_sync, sync_last=last, device=self.device)
         return inp.micro_batch(loss, terms)
+
+
+def token_budget_batches(lengths: np.ndarray, max_rows: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Batches (positions into ``lengths``, the texts' token counts) longest first: ``max_rows`` texts each, or with
+    ``max_tokens`` as many as keep rows x the batch's longest <= max_tokens (at most ``max_rows``; a longer text
+    goes alone). The first batch is the longest, so an out-of-memory batch shows at once."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    if max_tokens is None:
+        return [order[i : i + max_rows] for i in range(0, len(order), max_rows)]
+    batches, i = [], 0
+    while i < len(order):
+        rows = min(max_rows, max(1, max_tokens // max(int(lengths[order[i]]), 1)))
+        batches.append(order[i : i + rows])
+        i += rows
+    return batches

@@ -136,7 +136,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     results, out_dir = evaluate_model(args.model, args.data, teacher=args.teacher, dims=parse_dims(args.dims),
                                       split=args.split, batch_size=args.batch_size, out=args.out,
-                                      trust_remote_code=args.trust_remote_code,
+                                      trust_remote_code=args.trust_remote_code, max_tokens=args.max_tokens_per_batch,
                                       mteb_tasks=[t.strip() for t in (args.mteb_tasks or "").split(",") if t.strip()])
     if results.get("rows"):
         print(report.format_eval_table(results))
@@ -196,7 +196,9 @@ def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="teacher hub id or folder (adds reference and drop-in rows)")
     p.add_argument("--dims", default=None, help="comma-separated student dims to evaluate, e.g. 768,256,64")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="texts per encode batch (the most, with a token budget)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=None, metavar="N",
+                   help="length-sorted encode batches of <= N padded tokens (default: --batch-size texts a batch)")
     p.add_argument("--out", default=None, help="output folder (default: the model folder)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_evaluate)

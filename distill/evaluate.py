@@ -14,11 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytrec_eval
 import torch
 import torch.nn.functional as F
 
 from distill import distributed
+from distill.batches import token_budget_batches
 from distill.errors import ConfigError, DataError, DistillError
 
 logger = logging.getLogger(__name__)
@@ -467,15 +469,28 @@ def _load_student(path: str, trust_remote_code: bool, device: str) -> Any:
 
 
 def student_encoder(model: Any, batch_size: int, trust_remote_code: bool = False, device: str = "cpu",
-                     to_cpu: bool = False) -> EncodeFn:
+                     to_cpu: bool = False, max_tokens: int | None = None) -> EncodeFn:
     """Queries via ``encode_query`` and documents via ``encode_document`` so prompts saved with the model apply;
-    ``model``: a SentenceTransformer or its folder; embeddings on the model's device, or the CPU with ``to_cpu``."""
+    ``model``: a SentenceTransformer or its folder; embeddings on the model's device, or the CPU with ``to_cpu``.
+    With ``max_tokens`` a batch holds at most that many padded tokens (of the text, truncated at the model's
+    ``max_seq_length``; the prompt is not counted) and at most ``batch_size`` texts."""
     if isinstance(model, (str, Path)):
         model = _load_student(str(model), trust_remote_code, device)
 
     def encode(texts: list[str], role: str) -> torch.Tensor:
         method = model.encode_query if role == "query" else model.encode_document
-        out = method(texts, batch_size=batch_size, convert_to_tensor=True).float()
+        if not max_tokens:
+            out = method(texts, batch_size=batch_size, convert_to_tensor=True).float()
+            return out.cpu() if to_cpu else out
+        ids = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
+        parts, order = [], []
+        for idx in token_budget_batches(np.array([len(i) for i in ids]), batch_size, max_tokens):
+            batch = [texts[i] for i in idx]
+            parts.append(method(batch, batch_size=len(batch), convert_to_tensor=True, show_progress_bar=False).float())
+            order.append(torch.from_numpy(idx))
+        out = torch.empty(len(texts), parts[0].shape[1], device=parts[0].device) if parts else torch.empty(0, 0)
+        if parts:
+            out[torch.cat(order).to(out.device)] = torch.cat(parts)
         return out.cpu() if to_cpu else out
 
     return encode
@@ -518,15 +533,19 @@ def evaluate_model(
     out: str | None = None,
     trust_remote_code: bool = False,
     mteb_tasks: Sequence[str] | None = None,
+    max_tokens: int | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``python -m distill evaluate``: write ``eval.json`` and the report of ``model`` (and ``teacher``) on the eval
     set ``data`` (:func:`load_eval_set`) and/or the MTEB ``mteb_tasks`` into ``out`` (default: the model folder);
-    returns the results and that folder."""
+    returns the results and that folder. ``max_tokens``: padded tokens per encode batch (at most ``batch_size``
+    texts), for the teacher and the student; None: ``batch_size`` texts a batch."""
     from distill import report
     from distill.config import check_mteb
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"--max-tokens-per-batch must be positive, got {max_tokens}")
     if not data and (teacher or not mteb_tasks):
         raise ConfigError("evaluate needs --data (a BEIR folder or Hub dataset; also for --teacher) or --mteb-tasks")
     if mteb_tasks:
@@ -538,16 +557,15 @@ def evaluate_model(
         from distill.models import TeacherEncoder, resolve_teacher_spec
 
         encoder = TeacherEncoder(resolve_teacher_spec(teacher, trust_remote_code=trust_remote_code), device)
-        teacher_emb = encode_eval_set(
-            beir.queries, beir.corpus, beir.qrels, lambda texts, role: encoder.encode(texts, role, batch_size)
-        )
+        teacher_emb = encode_eval_set(beir.queries, beir.corpus, beir.qrels,
+                                      lambda texts, role: encoder.encode(texts, role, batch_size, max_tokens))
         del encoder  # free the teacher before the student loads
         torch.cuda.empty_cache()
     student = _load_student(model, trust_remote_code, str(device))
     results: dict[str, Any] = {}
     if beir is not None:
-        results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, student_encoder(student, batch_size),
-                                    teacher_emb, dims)
+        encode = student_encoder(student, batch_size, max_tokens=max_tokens)
+        results = evaluate_settings(beir.queries, beir.corpus, beir.qrels, encode, teacher_emb, dims)
     if mteb_tasks:
         results["mteb"] = run_mteb(student, mteb_tasks, batch_size)
     results.update(model=str(model), data=data and str(data), split=split, teacher=teacher)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.batches import token_budget_batches
 from distill.errors import ConfigError
 from distill.hardware import teacher_dtype
 
@@ -241,14 +242,14 @@ class TeacherEncoder:
             emb = pool(self.model(**feats).last_hidden_state.float(), feats["attention_mask"], self.spec.pooling)
         return nn.functional.normalize(emb, dim=-1) if self.spec.normalize else emb
 
-    def encode(self, texts: list[str], role: Role, batch_size: int = 32) -> torch.Tensor:
-        """Embed ``texts`` as the teacher does for ``role``, longest first in ``batch_size`` batches -> float32 [n, dim]
-        on the CPU, in the order of ``texts``."""
+    def encode(self, texts: list[str], role: Role, batch_size: int = 32, max_tokens: int | None = None) -> torch.Tensor:
+        """Embed ``texts`` as the teacher does for ``role`` -> float32 [n, dim] on the CPU, in the order of ``texts``:
+        longest first, ``batch_size`` texts a batch, or with ``max_tokens`` at most that many padded tokens a batch
+        (:func:`~distill.batches.token_budget_batches`; long texts in big batches make eager attention memory-bound)."""
         out = torch.empty(len(texts), self.dim)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        for start in range(0, len(texts), batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self.forward(self.prepare([texts[i] for i in idx], role)).cpu()
+        lengths = self.lengths(texts, role) if max_tokens else np.array([len(t) for t in texts])
+        for idx in token_budget_batches(lengths, batch_size, max_tokens):
+            out[torch.from_numpy(idx)] = self.forward(self.prepare([texts[i] for i in idx], role)).cpu()
         return out
 
 

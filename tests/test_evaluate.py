@@ -491,6 +491,30 @@ def test_student_encoder_uses_saved_prompts(tiny_student):
     assert not torch.allclose(q, d, atol=1e-3)
 
 
+def test_student_encoder_token_budget_same_vectors_bounded_batches(tiny_student):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_student), device="cpu")
+    texts = [" ".join(WORDS[: 1 + (7 * i) % 12]) for i in range(20)]  # 1..12 words, in mixed order
+    lengths = [len(ids) for ids in model.tokenizer(texts)["input_ids"]]
+    plain = ev.student_encoder(model, batch_size=8)
+    batches = []
+    original = model.encode_document
+
+    def recording(batch, **kwargs):
+        batches.append([lengths[texts.index(t)] for t in batch])
+        return original(batch, **kwargs)
+
+    model.encode_document = recording
+    budgeted = ev.student_encoder(model, batch_size=8, max_tokens=30)
+    for role in ("query", "document"):
+        torch.testing.assert_close(budgeted(texts, role), plain(texts, role), atol=1e-5, rtol=0)
+    budget_batches = batches[:-1]  # the last call is the plain encoder's single call
+    assert sum(map(len, budget_batches)) == len(texts) and len(budget_batches) > len(texts) // 8
+    assert all(len(b) <= 8 and len(b) * max(b) <= 30 for b in budget_batches)
+    assert [max(b) for b in budget_batches] == sorted((max(b) for b in budget_batches), reverse=True)
+
+
 def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert cli.main(["evaluate", "--model", str(tiny_student), "--data", str(beir_words), "--dims", "16,8",
@@ -516,8 +540,8 @@ def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_pa
         def __init__(self, spec, device):
             seen["spec"], seen["device"] = spec, device
 
-        def encode(self, texts, role, batch_size):
-            seen.setdefault("roles", []).append((role, batch_size))
+        def encode(self, texts, role, batch_size, max_tokens=None):
+            seen.setdefault("roles", []).append((role, batch_size, max_tokens))
             return torch.stack([student([t], "document")[0] for t in texts])  # the student's doc view as "teacher"
 
     fake = types.ModuleType("distill.models")
@@ -526,11 +550,11 @@ def test_cli_student_only_and_with_fake_teacher(tiny_student, beir_words, tmp_pa
     monkeypatch.setitem(sys.modules, "distill.models", fake)
     out2 = tmp_path / "out2"
     code = cli.main(["evaluate", "--model", str(tiny_student), "--data", str(beir_words), "--teacher",
-                     "fake/teacher", "--batch-size", "3", "--out", str(out2)])
+                     "fake/teacher", "--batch-size", "3", "--max-tokens-per-batch", "20", "--out", str(out2)])
     assert code == 0
     results = json.loads((out2 / "eval.json").read_text())
     assert seen["spec"] == {"name": "fake/teacher", "trc": False}
-    assert sorted(seen["roles"]) == [("document", 3), ("query", 3)]
+    assert sorted(seen["roles"]) == [("document", 3, 20), ("query", 3, 20)]
     assert results["mode"] == "projection" and results["teacher"] == "fake/teacher"
     rows = {r["setting"]: r for r in results["rows"]}
     assert set(rows) == {"teacher->teacher", "student->student", "student->teacher"}
@@ -547,6 +571,8 @@ def test_cli_errors_are_one_line(tmp_path, tiny_student, beir_words, capsys):
     args = ["--model", str(tiny_student), "--data", str(beir_words), "--dims", "32", "--out", str(tmp_path)]
     assert cli.main(["evaluate", *args]) == 2
     assert "eval dims [32] are outside 1..16" in capsys.readouterr().err
+    assert cli.main(["evaluate", *args[:4], "--max-tokens-per-batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-tokens-per-batch must be positive, got 0"
 
 
 def test_python_m_distill_evaluate_still_runs_the_evaluate_command(tmp_path, tiny_student):

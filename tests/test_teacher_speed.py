@@ -132,6 +132,12 @@ def test_pipelined_budget_fill_matches_the_serial_path(fixture: str, request, tm
     lengths = serial.lengths(TEXTS, "query")
     batches = token_budget_batches(lengths, 16, 96)
     assert len({len(b) for b in batches}) > 1 and all(len(b) * lengths[b].max() <= 96 for b in batches)
+    # encode() (the evaluate command's teacher) batches by the same budget and returns the same vectors in order
+    shapes, forward = [], serial.forward
+    serial.forward = lambda feats: shapes.append(tuple(feats["attention_mask"].shape)) or forward(feats)
+    torch.testing.assert_close(serial.encode(TEXTS, "query", 16, max_tokens=96), got, atol=1e-5, rtol=0)
+    assert sorted(rows for rows, _ in shapes) == sorted(len(b) for b in batches)
+    assert all(rows * width <= 96 for rows, width in shapes)
 
 
 def test_teacher_attention_key_reaches_the_teacher_only(tiny_teacher_dir: Path, tmp_path: Path, monkeypatch) -> None:
