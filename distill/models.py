@@ -6,11 +6,14 @@ Models know nothing of the training loop: the trainer calls :class:`DistillModel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -265,12 +268,33 @@ def _teacher_tokenizer(spec: TeacherSpec) -> Any:
 _VLLM_POOLING = {"last_token": "LAST", "mean": "MEAN", "cls": "CLS"}
 
 
+@contextlib.contextmanager
+def only_visible_gpu(device: torch.device) -> Iterator[None]:
+    """``CUDA_VISIBLE_DEVICES`` narrowed to ``device``'s GPU inside the block, restored after. vLLM's engine process
+    inherits the environment and takes the first visible GPU, so without this every torchrun rank would start its
+    engine on GPU 0. A CPU device changes nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [d.strip() for d in before.split(",") if d.strip()] if before else None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 class VllmTeacher:
     """The teacher run by vLLM's pooling runner (``model.teacher_backend: vllm``), with :class:`TeacherEncoder`'s
     ``lengths`` / ``prepare`` / ``forward``: the same token ids (prompt, special tokens, truncation) go in, vLLM pools
     them with the spec's pooling and normalisation and batches them itself -> float32 [n, dim] on the CPU."""
 
-    def __init__(self, spec: TeacherSpec):
+    def __init__(self, spec: TeacherSpec, device: torch.device | str = "cpu"):
         from vllm import LLM
         from vllm.config import PoolerConfig
 
@@ -278,8 +302,10 @@ class VllmTeacher:
         # vLLM >= 0.15 names normalisation use_activation; earlier releases: normalize
         norm = "use_activation" if "use_activation" in getattr(PoolerConfig, "__dataclass_fields__", {}) else "normalize"
         pooler = PoolerConfig(**{"pooling_type": _VLLM_POOLING[spec.pooling], norm: spec.normalize})
-        self.llm = LLM(model=spec.name, revision=spec.revision, runner="pooling", dtype=spec.dtype,
-                       trust_remote_code=spec.trust_remote_code, max_model_len=spec.max_length, pooler_config=pooler)
+        with only_visible_gpu(torch.device(device)):
+            self.llm = LLM(model=spec.name, revision=spec.revision, runner="pooling", dtype=spec.dtype,
+                           trust_remote_code=spec.trust_remote_code, max_model_len=spec.max_length,
+                           pooler_config=pooler)
 
     def lengths(self, texts: list[str], role: Role) -> np.ndarray:
         return np.array([len(p["prompt_token_ids"]) for p in self.prepare(texts, role)], dtype=np.int64)

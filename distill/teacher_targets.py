@@ -42,7 +42,7 @@ class LazyTeacher:
         if self.encoder is None:
             log.info("loading teacher %s (%s, %s, %s pooling)", self.spec.name, self.backend, self.spec.dtype,
                      self.spec.pooling)
-            self.encoder = VllmTeacher(self.spec) if self.backend == "vllm" else \
+            self.encoder = VllmTeacher(self.spec, self.device) if self.backend == "vllm" else \
                 TeacherEncoder(self.spec, self.device, self.attn)
         return self.encoder
 

@@ -10,6 +10,7 @@ log, checkpoint, evaluate. Losses and models know nothing of this loop; nothing 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -438,7 +439,11 @@ class Trainer:
         if not D.is_distributed():
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+        # no buffer broadcast before each forward (the student's buffers are constants); torch >= 2.13 names it
+        # forward_sync_buffers and deprecates broadcast_buffers
+        quiet = "forward_sync_buffers" in inspect.signature(DDP).parameters
+        return DDP(module, device_ids=ids, find_unused_parameters=False,
+                   **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
 
     def _restore(self, ckpt: LoadedCheckpoint, optimizer, scheduler, scaler) -> TrainState:
         """The optimizer, schedule, scaler and RNG of a mid-phase ``ckpt`` (:meth:`run` loaded its weights)."""

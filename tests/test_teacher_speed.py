@@ -4,6 +4,7 @@ writes, one read-back per shard), the teacher's own attention setting and the op
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 from pathlib import Path
@@ -171,6 +172,7 @@ def fake_vllm(calls: list) -> tuple[types.ModuleType, types.ModuleType]:
     class LLM:
         def __init__(self, **kwargs):
             calls.append(("init", kwargs))
+            calls.append(("visible", os.environ.get("CUDA_VISIBLE_DEVICES")))
 
         def embed(self, prompts, use_tqdm=True):
             calls.append(("embed", [p["prompt_token_ids"] for p in prompts]))
@@ -204,10 +206,35 @@ def test_vllm_backend_through_a_stand_in(tiny_teacher_dir: Path, tmp_path: Path,
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     ids = tok([spec.query_prompt + t for t in TEXTS], truncation=True, max_length=8)["input_ids"]
-    sent = [x for c in calls[1:] for x in c[1]]
+    assert calls[1] == ("visible", os.environ.get("CUDA_VISIBLE_DEVICES"))  # a CPU run leaves the GPUs alone
+    sent = [x for c in calls if c[0] == "embed" for x in c[1]]
     assert sorted(map(tuple, sent)) == sorted(map(tuple, ids)) and all(len(x) <= 8 for x in sent)
     want = torch.tensor([[len(x), sum(x), 1.0] for x in ids])
     torch.testing.assert_close(cache.lookup(spec.fingerprint("query"), TEXTS)[list(range(len(TEXTS)))], want)
+
+
+def test_vllm_engine_of_each_rank_sees_only_its_gpu(tiny_teacher_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from distill.models import VllmTeacher, only_visible_gpu
+
+    calls: list = []
+    vllm, config = fake_vllm(calls)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.config", config)
+    spec = teacher_spec_from_config(cfg_for(tiny_teacher_dir, tmp_path).model, 32, CPU)
+    for before, device, seen in (("4,5,6", torch.device("cuda", 1), "5"), (None, torch.device("cuda", 3), "3"),
+                                 ("2,7", "cpu", "2,7")):
+        if before is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", before)
+        VllmTeacher(spec, device)
+        assert calls[-1] == ("visible", seen)  # the engine process starts with only this rank's GPU visible
+        assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # and the trainer's view is restored
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(RuntimeError, match="engine failed"), only_visible_gpu(torch.device("cuda", 1)):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        raise RuntimeError("engine failed")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
 def test_bench_teacher_runs_the_three_ways_on_the_tiny_teacher(tiny_teacher_dir: Path, tmp_path: Path) -> None:
