@@ -33,10 +33,12 @@ class ModelConfig:
     student_dim: int = 768
     projection_hidden_dim: int = 1536
     use_projection: bool = True
-    head_lr_multiplier: float = 10.0  # the projection head learns at lr x this (projection mode)
-    # least_squares: the head starts as the ridge-regression affine map from the frozen student's embeddings to the
-    # teacher's over phase-1 texts (exact in the GELU MLP; needs hidden >= 2 * student_dim); random: PyTorch's init
-    head_init: Literal["least_squares", "random"] = "least_squares"
+    head_lr_multiplier: float = 10.0  # the projection head learns at lr x this (projection mode); 0: kept at its start
+    # procrustes: the head starts as the best orthogonal map from the frozen student's embeddings to the teacher's
+    # over phase-1 texts (keeps the student's own similarities exactly); least_squares: the ridge-regression affine
+    # map (a lower MSE, at the cost of those similarities); both exact in the GELU MLP (hidden >= 2 * student_dim);
+    # random: PyTorch's init
+    head_init: Literal["procrustes", "least_squares", "random"] = "procrustes"
     head_init_max_texts: int = 50000  # phase-1 texts (a seeded random subset) the least-squares start is fitted on
     model_name: str | None = None  # None: distilled-{student family}-{output dim}d
     teacher_revision: str | None = None
@@ -62,9 +64,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "teacher_dim", "student_dim", "projection_hidden_dim", "teacher_batch_size",
-                  "head_lr_multiplier", "head_init_max_texts", section="model")
-        if self.use_projection and self.head_init == "least_squares" and self.projection_hidden_dim < 2 * self.student_dim:
-            raise ConfigError(f"model.head_init: least_squares needs projection_hidden_dim >= 2 * student_dim "
+                  "head_init_max_texts", section="model")
+        _positive(self, "head_lr_multiplier", section="model", allow_zero=True)
+        if self.use_projection and self.head_init != "random" and self.projection_hidden_dim < 2 * self.student_dim:
+            raise ConfigError(f"model.head_init: {self.head_init} needs projection_hidden_dim >= 2 * student_dim "
                               f"({2 * self.student_dim}), got {self.projection_hidden_dim}; raise it or set "
                               "model.head_init: random")
         for key in ("teacher_max_length", "teacher_max_tokens_per_batch"):
@@ -341,6 +344,10 @@ class Config:
         _check_name(self.config_name, "the config file's name (the experiment is {model_name}-{config name})")
         for section in (self.model, self.phase1, self.phase2, self.training, self.data, self.cache, self.eval):
             section.validate()
+        if self.model.use_projection and self.model.head_lr_multiplier == 0 and 1 in self.phases \
+                and self.phase1.head_only_fraction > 0:
+            raise ConfigError(f"phase1.head_only_fraction: {self.phase1.head_only_fraction} trains the head alone, but "
+                              "model.head_lr_multiplier: 0 keeps it fixed; set it to 0")
         if self.eval.select_best is not None:
             from distill.evaluate import BestMetric  # torch and pytrec_eval: imported only when the key is set
 

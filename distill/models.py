@@ -386,6 +386,20 @@ def ridge_map(xtx: torch.Tensor, xty: torch.Tensor, x_sum: torch.Tensor, y_sum: 
     return w[:d].float(), w[d].float()
 
 
+def procrustes_map(xty: torch.Tensor, y_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The orthogonal map ``y ~ x @ Q`` ([d] -> [D], d <= D) that best aligns the student with the teacher.
+
+    With ``xty = sum x y^T`` = U S V^T (thin SVD), ``Q = U V^T`` maximises ``trace(Q^T xty)`` (equivalently minimises
+    ``sum ||x Q - y||^2``) over maps with orthonormal rows, ``Q Q^T = I``. Such a map keeps every inner product:
+    ``<x Q, x' Q> = <x, x'>``, so the student's own ranking through the head starts exactly as the pretrained
+    student's, where the least-squares map (:func:`ridge_map`) trades it for a lower MSE. Returns ``(Q, 0)``;
+    ``y_sum`` only gives the zero bias its dtype and device.
+    """
+    u, _, vh = torch.linalg.svd(xty.double(), full_matrices=False)
+    ref = y_sum if y_sum is not None else xty
+    return (u @ vh).float(), torch.zeros(xty.shape[1], dtype=torch.float32, device=ref.device)
+
+
 @torch.no_grad()
 def set_head_to_affine_map(head: nn.Sequential, a: torch.Tensor, c: torch.Tensor) -> None:
     r"""Make the GELU MLP head compute exactly ``x @ a + c`` ([d] -> [D]).

@@ -250,8 +250,8 @@ class Trainer:
             log.warning("%s: warm-up (%d steps) is not shorter than the phase (%d optimizer steps), so the learning "
                         "rate never reaches its peak; lower warmup_steps or set warmup_ratio", name, warmup, total_steps)
         head = self.model.head is not None
-        if phase == 1 and ckpt is None and head and cfg.model.head_init == "least_squares":
-            self._init_head_least_squares(task)
+        if phase == 1 and ckpt is None and head and cfg.model.head_init != "random":
+            self._init_head_map(task)
         self._freeze_unused_parameters(phase, task, sampler)
         optimizer = _adamw(self.model, pcfg.learning_rate, pcfg.weight_decay, cfg.model.head_lr_multiplier)
         scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total_steps), total_steps)
@@ -372,16 +372,18 @@ class Trainer:
                                     dim_weights=m.matryoshka_weights, documents=p2.infonce_documents)
 
     @torch.no_grad()
-    def _init_head_least_squares(self, task: PhaseTask, chunk: int = 64) -> None:
-        """Start the projection head as the ridge-regression map from the (frozen, pretrained) student's embeddings
-        to the teacher's over a seeded subset of the phase-1 texts (:func:`distill.models.ridge_map`).
+    def _init_head_map(self, task: PhaseTask, chunk: int = 64) -> None:
+        """Start the projection head as the ridge-regression map (``model.head_init: least_squares``,
+        :func:`distill.models.ridge_map`) or the best orthogonal map (``procrustes``, :func:`~distill.models.
+        procrustes_map`) from the (frozen, pretrained) student's embeddings to the teacher's over a seeded subset of
+        the phase-1 texts.
 
         Each rank embeds its share of the texts and sums the sufficient statistics; one all-reduce gives every rank
         the same sums and so the same head. A random head would first have to be learnt from scratch while its
         gradients disturb the pretrained student; this start is the best affine map at the cost of one student
         forward per text.
         """
-        from distill.models import ridge_map, set_head_to_affine_map
+        from distill.models import procrustes_map, ridge_map, set_head_to_affine_map
 
         m = self.cfg.model
         items = np.asarray(task.data.examples)[:, :2]  # (role, row): 0 = query table, 1 = document table
@@ -411,11 +413,14 @@ class Trainer:
         n = torch.tensor([float(len(mine))], dtype=torch.float64, device=self.device)
         flat = D.all_reduce_sum(torch.cat([s.flatten() for s in stats] + [n])).cpu()
         xtx, xty, x_sum, y_sum, n_all = torch.split(flat, [d * d, d * dt, d, dt, 1])
-        a, c = ridge_map(xtx.view(d, d), xty.view(d, dt), x_sum, y_sum, int(n_all.item()))
+        if m.head_init == "procrustes":
+            a, c = procrustes_map(xty.view(d, dt), y_sum)
+        else:
+            a, c = ridge_map(xtx.view(d, d), xty.view(d, dt), x_sum, y_sum, int(n_all.item()))
         set_head_to_affine_map(self.model.head, a, c)
         self.model.train(was_training)
-        log.info("projection head initialised by least squares on %d phase-1 texts (%.1f s)", int(n_all.item()),
-                 time.perf_counter() - t0)
+        log.info("projection head initialised by %s on %d phase-1 texts (%.1f s)", m.head_init.replace("_", " "),
+                 int(n_all.item()), time.perf_counter() - t0)
 
     def _freeze_unused_parameters(self, phase: int, task: PhaseTask, sampler: LengthGroupedBatchSampler) -> None:
         """Parameters no loss ever reaches (e.g. the backbone's unused pooler) would make DDP wait forever for
