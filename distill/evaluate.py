@@ -479,19 +479,16 @@ def student_encoder(model: Any, batch_size: int, trust_remote_code: bool = False
 
     def encode(texts: list[str], role: str) -> torch.Tensor:
         method = model.encode_query if role == "query" else model.encode_document
-        if not max_tokens:
-            out = method(texts, batch_size=batch_size, convert_to_tensor=True).float()
-            return out.cpu() if to_cpu else out
-        ids = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
-        parts, order = [], []
-        for idx in token_budget_batches(np.array([len(i) for i in ids]), batch_size, max_tokens):
-            batch = [texts[i] for i in idx]
-            parts.append(method(batch, batch_size=len(batch), convert_to_tensor=True, show_progress_bar=False).float())
-            order.append(torch.from_numpy(idx))
-        out = torch.empty(len(texts), parts[0].shape[1], device=parts[0].device) if parts else torch.empty(0, 0)
-        if parts:
-            out[torch.cat(order).to(out.device)] = torch.cat(parts)
-        return out.cpu() if to_cpu else out
+        if max_tokens and texts:
+            ids = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)["input_ids"]
+            batches = token_budget_batches(np.array([len(i) for i in ids]), batch_size, max_tokens)
+            parts = [method([texts[i] for i in idx], batch_size=len(idx), convert_to_tensor=True,
+                            show_progress_bar=False) for idx in batches]
+            back = torch.from_numpy(np.argsort(np.concatenate(batches)))  # row of each text in the batches' order
+            out = torch.cat(parts)[back.to(parts[0].device)]
+        else:
+            out = method(texts, batch_size=batch_size, convert_to_tensor=True)
+        return out.float().cpu() if to_cpu else out.float()
 
     return encode
 

@@ -11,9 +11,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -386,18 +386,17 @@ def ridge_map(xtx: torch.Tensor, xty: torch.Tensor, x_sum: torch.Tensor, y_sum: 
     return w[:d].float(), w[d].float()
 
 
-def procrustes_map(xty: torch.Tensor, y_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def procrustes_map(xty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The orthogonal map ``y ~ x @ Q`` ([d] -> [D], d <= D) that best aligns the student with the teacher.
 
     With ``xty = sum x y^T`` = U S V^T (thin SVD), ``Q = U V^T`` maximises ``trace(Q^T xty)`` (equivalently minimises
     ``sum ||x Q - y||^2``) over maps with orthonormal rows, ``Q Q^T = I``. Such a map keeps every inner product:
     ``<x Q, x' Q> = <x, x'>``, so the student's own ranking through the head starts exactly as the pretrained
-    student's, where the least-squares map (:func:`ridge_map`) trades it for a lower MSE. Returns ``(Q, 0)``;
-    ``y_sum`` only gives the zero bias its dtype and device.
+    student's, where the least-squares map (:func:`ridge_map`) trades it for a lower MSE. Returns ``(Q, 0)``, the
+    zero bias in the shape :func:`set_head_to_affine_map` takes.
     """
     u, _, vh = torch.linalg.svd(xty.double(), full_matrices=False)
-    ref = y_sum if y_sum is not None else xty
-    return (u @ vh).float(), torch.zeros(xty.shape[1], dtype=torch.float32, device=ref.device)
+    return (u @ vh).float(), torch.zeros(xty.shape[1], device=xty.device)
 
 
 @torch.no_grad()

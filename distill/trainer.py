@@ -414,7 +414,7 @@ class Trainer:
         flat = D.all_reduce_sum(torch.cat([s.flatten() for s in stats] + [n])).cpu()
         xtx, xty, x_sum, y_sum, n_all = torch.split(flat, [d * d, d * dt, d, dt, 1])
         if m.head_init == "procrustes":
-            a, c = procrustes_map(xty.view(d, dt), y_sum)
+            a, c = procrustes_map(xty.view(d, dt))
         else:
             a, c = ridge_map(xtx.view(d, d), xty.view(d, dt), x_sum, y_sum, int(n_all.item()))
         set_head_to_affine_map(self.model.head, a, c)
