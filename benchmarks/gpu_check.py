@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +92,7 @@ QUERY_LENGTHS = (16, 48)  # realistic token lengths (uniform): queries
 DOCUMENT_LENGTHS = (128, 256)  # passages
 TEACHER_MIXED_LENGTHS = (64, 512)
 TEACHER_TOKEN_BUDGET = 65536
+FILL_LAYERS = 4  # the project-path fill runs Qwen2-7B-shaped layers, 4 of its 28
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -365,6 +367,120 @@ def _teacher_pass(model: Any, inputs: list[tuple[Any, Any]]) -> None:
             torch.nn.functional.normalize(pool(hidden_states.float(), mask, "last_token"), dim=-1)
 
 
+def loaded_docstrings(n: int) -> list[str]:
+    """Up to ``n`` distinct docstrings (> 20 characters) of the objects in every imported module (torch and
+    transformers are: thousands), in module order: real prose and code of varied length, nothing downloaded."""
+    import inspect
+    import warnings
+
+    out: dict[str, None] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in sorted(sys.modules):
+            try:
+                items = sorted(vars(sys.modules[name]).items())
+            except Exception:  # noqa: BLE001 - lazy or odd modules
+                continue
+            for _, obj in items:
+                try:
+                    doc = inspect.getdoc(obj) if callable(obj) or inspect.isclass(obj) else None
+                except Exception:  # noqa: BLE001
+                    continue
+                if doc and len(doc) > 20:
+                    out.setdefault(doc)
+                    if len(out) >= n:
+                        return list(out)
+    return list(out)
+
+
+def bench_teacher_fill(device: Any, work: Path, shape: dict[str, int], layers: int, cfg: Any, peak: float | None,
+                       n_texts: int) -> dict[str, Any]:
+    """The project's own cache fill (``TeacherCache.fill`` over ``LazyTeacher``: tokenisation on a background thread,
+    forward, one read-back per shard, sha256 + fsync shard writes) on a teacher with ``shape``'s layers, ``layers`` of
+    them (per-layer work is the whole model's; the folder is a few GB, not 15), over real text
+    (:func:`loaded_docstrings`, document role, ``cfg.phase1.max_length``). Each way is timed against the forward alone
+    over the same batches: ``fill_efficiency`` = forward-only s / fill s (1.0: tokenisation and writes fully hidden)."""
+    import numpy as np
+    import torch
+    from tiny_models import build_tiny_teacher
+
+    from distill.batches import token_budget_batches as budget_batches
+    from distill.models import resolve_teacher_spec
+    from distill.teacher_cache import TeacherCache
+    from distill.teacher_targets import LazyTeacher
+
+    fill_shape = {k: shape[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                        "intermediate_size")} | {"num_hidden_layers": layers}
+    folder = work / "fill_teacher"
+    t0 = time.perf_counter()
+    if not (folder / "modules.json").is_file():
+        build_tiny_teacher(folder, shape=fill_shape, device=device, dtype=torch.bfloat16)
+    _reset_peak(device)
+    max_length = cfg.phase1.max_length
+    spec = resolve_teacher_spec(str(folder), max_length=max_length, dtype="bfloat16", device=device)
+    teacher = LazyTeacher(spec, device, cfg.model.teacher_attn_implementation)
+    encoder = teacher.load()
+    role = "document"
+    texts = loaded_docstrings(n_texts)
+    lengths = encoder.lengths(texts, role)
+    net = encoder.st if encoder.st is not None else encoder.model
+    n = C.non_embedding_params(net)
+    flops = teacher_forward_flops(n, lengths.tolist(), layers, shape["hidden_size"])
+    out: dict[str, Any] = {
+        "shape": fill_shape, "of_layers": shape["num_hidden_layers"], "build_and_load_s": None,
+        "texts": len(texts), "real_tokens": int(lengths.sum()), "mean_tokens": float(lengths.mean()),
+        "max_length": max_length, "non_embedding_params": n, "ways": {},
+        "tokenizer": "the tests' 500-token BPE (more tokens per text than Qwen2's; lengths capped at max_length)",
+    }
+    warm = texts[: min(256, len(texts))]
+    TeacherCache(work / "fill_cache_warmup", dtype="float16").fill("warm", warm, teacher.encode_fn(role), 32,
+                                                                   progress=False)
+    _sync(device)
+    out["build_and_load_s"] = round(time.perf_counter() - t0, 1)
+    rows = cfg.model.teacher_batch_size
+    ways = {f"rows_{rows}": (rows, None), "budget_16384": (256, 16384), "budget_65536": (1024, 65536)}
+    for name, (batch_size, max_tokens) in ways.items():
+        batches = budget_batches(lengths, batch_size, max_tokens)
+        feats = [{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in encoder.prepare([texts[i] for i in b], role).items()} for b in batches]
+        try:
+            for f in feats[:2]:
+                encoder.forward(f)
+            _sync(device)
+            t1 = time.perf_counter()
+            for f in feats:
+                encoder.forward(f)
+            _sync(device)
+            forward_s = time.perf_counter() - t1
+            del feats
+            root = work / f"fill_cache_{name}"
+            shutil.rmtree(root, ignore_errors=True)
+            cache = TeacherCache(root, dtype="float16")
+            t1 = time.perf_counter()
+            cache.fill("bench", texts, teacher.encode_fn(role), batch_size, progress=False, max_tokens=max_tokens)
+            fill_s = time.perf_counter() - t1
+            stored = cache.lookup("bench", texts)[np.arange(len(texts))]
+        except RuntimeError as e:
+            if not _is_oom(e):
+                raise
+            out["ways"][name] = {"oom": True, "error": str(e).splitlines()[0][:300]}
+            continue
+        real, padded = int(lengths.sum()), int(sum(len(b) * lengths[b].max() for b in batches))
+        out["ways"][name] = {
+            "batch_size": batch_size, "max_tokens": max_tokens, "batches": len(batches),
+            "padding_efficiency": real / padded, "forward_only_s": round(forward_s, 3), "fill_s": round(fill_s, 3),
+            "fill_efficiency": forward_s / fill_s, "tokens_per_s": real / fill_s,
+            "mfu_forward_only": mfu(flops, forward_s, peak), "mfu_fill": mfu(flops, fill_s, peak),
+            "stored_finite": bool(torch.as_tensor(stored).isfinite().all()), "peak_memory_gib": _peak_gib(device),
+        }
+        w = out["ways"][name]
+        print(f"gpu_check: teacher fill {name}: {w['tokens_per_s']:,.0f} tokens/s, MFU {(w['mfu_fill'] or 0):.1%} "
+              f"(forward alone {(w['mfu_forward_only'] or 0):.1%}), padding efficiency {w['padding_efficiency']:.0%}",
+              flush=True)
+    teacher.release()
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Student
 # --------------------------------------------------------------------------------------------------------------------
@@ -631,6 +747,8 @@ def bench(out_path: Path, work: Path, device: Any, tiny: bool) -> int:
                                           teacher_workloads(cfg.phase1.max_length,
                                                             cfg.model.teacher_batch_size, tiny),
                                           peak, repeats=1 if tiny else 2)),
+        ("teacher_fill", lambda: bench_teacher_fill(device, work, TINY_TEACHER if tiny else QWEN2_7B,
+                                                    2 if tiny else FILL_LAYERS, cfg, peak, 200 if tiny else 6000)),
         ("student", lambda: bench_student(device, student_dir, cfg, peak, steps=1 if tiny else 3, tiny=tiny)),
     ]
     for name, fn in parts:

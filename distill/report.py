@@ -6,6 +6,7 @@ and ``{"event": "eval", "phase", "step", "results": <evaluate_settings dict>}``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -153,6 +154,15 @@ def last_eval_results(records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | 
     return dict(evals[-1]) if evals else None
 
 
+@functools.cache
+def _have_matplotlib() -> bool:
+    """Whether plots can be drawn; warns once when they cannot (matplotlib is the optional ``plots`` extra)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning("matplotlib is not installed: no plots (pip install 'distill[plots]')")
+        return False
+    return True
+
+
 def _axes(
     lines: Mapping[str, list[tuple[float, float]]],
     title: str,
@@ -212,6 +222,8 @@ def mrl_points(eval_results: Mapping[str, Any] | None) -> list[tuple[int, float]
 def plot_mrl(eval_results: Mapping[str, Any] | None, path: str | Path) -> Path | None:
     """nDCG@10 against embedding dim (MRL truncation), with the teacher reference as a dashed line."""
     pts = mrl_points(eval_results)
+    if not pts or not _have_matplotlib():
+        return None
     ax = _axes({"student->student": pts}, "quality against dimension", "nDCG@10", "embedding dim", (6, 4), marker="o")
     if ax is None:
         return None
@@ -226,8 +238,7 @@ def plot_mrl(eval_results: Mapping[str, Any] | None, path: str | Path) -> Path |
 def plot_metrics(jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Write ``loss_{phase}.png``, ``lr.png``, ``eval_ndcg.png`` (nDCG@10 of every eval row against step) and
     ``mrl_quality.png`` (last eval, several student dims) from a metrics file; returns the files written."""
-    if importlib.util.find_spec("matplotlib") is None:
-        logger.warning("matplotlib is not installed: no plots (pip install 'distill[plots]')")
+    if not _have_matplotlib():
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

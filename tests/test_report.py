@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,21 @@ def test_write_report_from_log_only_and_eval_only(tmp_path):
 
     md_path, _ = report.write_report(tmp_path / "c")
     assert "No evaluation results." in md_path.read_text()
+
+
+def test_write_report_without_matplotlib_writes_tables_and_no_plots(tmp_path, monkeypatch, caplog):
+    """matplotlib is the optional ``plots`` extra: without it the report (MRL results included) is still written."""
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.axes"):
+        monkeypatch.setitem(sys.modules, name, None)  # find_spec -> None, import -> ImportError
+    report._have_matplotlib.cache_clear()
+    try:
+        log = write_log(tmp_path / "metrics.jsonl", train_records())
+        with caplog.at_level(logging.WARNING, logger="distill.report"):
+            md_path, json_path = report.write_report(tmp_path / "rep", eval_results("mrl"), log)
+    finally:
+        report._have_matplotlib.cache_clear()
+    assert "| student->student | 256 | 0.4000 | 0.3500 | 0.5000 | 0.9500 | 80.0% |" in md_path.read_text()
+    assert json.loads(json_path.read_text())["plots"] == []
+    assert not list((tmp_path / "rep").glob("*.png"))
+    assert [r.getMessage() for r in caplog.records].count(
+        "matplotlib is not installed: no plots (pip install 'distill[plots]')") == 1

@@ -176,19 +176,24 @@ def _atomic_build(out_dir: Path, build) -> Path:
     return out_dir
 
 
-def build_tiny_teacher(out_dir: str | os.PathLike, *, hidden: int = 48, layers: int = 2, with_st_config: bool = True) -> Path:
+def build_tiny_teacher(
+    out_dir: str | os.PathLike, *, hidden: int = 48, layers: int = 2, with_st_config: bool = True,
+    shape: dict[str, int] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> Path:
     """Random-init Qwen2 decoder (``hidden``-d, ``layers`` layers, 4 heads, 2 KV heads) with its own BPE tokenizer.
 
     With ``with_st_config`` the folder is a sentence-transformers model (lasttoken pooling + L2 normalisation,
     prompts ``query``=inf-retriever instruction, ``document``=""); otherwise a plain transformers folder.
     ``SentenceTransformer(out_dir).encode(texts)`` returns ``[len(texts), hidden]`` unit vectors.
+    ``shape`` overrides ``Qwen2Config`` fields (e.g. Qwen2-7B's layer shape, for benchmarks); the weights are made on
+    ``device`` in ``dtype`` (a big shape then needs no fp32 copy on the host) and saved in ``dtype``.
     """
     from transformers import Qwen2Config, Qwen2Model
 
     def build(tmp: Path) -> None:
         tokenizer = _teacher_tokenizer()
         eos_id = tokenizer.convert_tokens_to_ids(TEACHER_EOS)
-        config = Qwen2Config(
+        fields = dict(
             vocab_size=len(tokenizer),
             hidden_size=hidden,
             intermediate_size=2 * hidden,
@@ -201,8 +206,15 @@ def build_tiny_teacher(out_dir: str | os.PathLike, *, hidden: int = 48, layers: 
             pad_token_id=eos_id,
             tie_word_embeddings=False,
         )
+        config = Qwen2Config(**{**fields, **(shape or {})})
         torch.manual_seed(_SEED)
-        model = Qwen2Model(config).eval()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = Qwen2Model(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
         hf_dir = tmp / "hf" if with_st_config else tmp
         model.save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
