@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+import torch
 from torch import nn
 
 from distill.atomic import fresh_tmp_dir, replace_dir
@@ -24,14 +25,17 @@ log = logging.getLogger(__name__)
 
 
 def build_export_model(student, head: nn.Sequential | None):
-    """The student's modules, then (projection mode: unit ``teacher_dim`` vectors) the head's Dense and a Normalize."""
+    """The student's modules, then (projection mode: unit ``teacher_dim`` vectors) the head's Dense and a Normalize.
+    The modules are shared, not copied, so the model is built on the student's device: moving it would move the
+    training model's weights too (on a GPU, out from under the optimizer)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize
 
     modules = list(student)
     if head is not None:
         modules += list(head) + [Normalize()]
-    model = SentenceTransformer(modules=modules, device="cpu")
+    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+    model = SentenceTransformer(modules=modules, device=str(device))
     model.prompts = dict(getattr(student, "prompts", {}) or {})
     model.default_prompt_name = getattr(student, "default_prompt_name", None)
     return model

@@ -116,3 +116,18 @@ def test_push_config_checks(monkeypatch):
     assert cfg.training.hub_private is True
     with pytest.raises(ConfigError, match="training.hub_model_id"):
         load_config(None, ["training.push_to_hub=true", "training.hub_model_id=me/bad name"])
+
+
+def test_export_model_shares_the_training_weights_and_leaves_them_where_they_are(tiny_student_dir):
+    """The export model is built from the training model's own modules: building it must not move them (before the
+    fix it moved them to the CPU, and on a GPU the next training step failed with 'tensors on cuda:0 and cpu').
+    The meta device stands in for a GPU here: any move off it raises."""
+    from sentence_transformers import SentenceTransformer
+
+    student = SentenceTransformer(str(tiny_student_dir), device="cpu")
+    head = build_projection_head(32, 64, 48, seed=0)
+    student.to("meta"), head.to("meta")
+    model = build_export_model(student, head)
+    assert {p.device.type for p in student.parameters()} == {"meta"}
+    assert {p.device.type for p in head.parameters()} == {"meta"}
+    assert model[0] is student[0] and model.device.type == "meta"
