@@ -438,7 +438,7 @@ def bench_teacher_fill(device: Any, work: Path, shape: dict[str, int], layers: i
     _sync(device)
     out["build_and_load_s"] = round(time.perf_counter() - t0, 1)
     rows = cfg.model.teacher_batch_size
-    ways = {f"rows_{rows}": (rows, None), f"budget_{TEACHER_TOKEN_BUDGET}": (1024, TEACHER_TOKEN_BUDGET)}
+    ways = {f"rows_{rows}": (rows, None), f"budget_{TEACHER_TOKEN_BUDGET}": (256, TEACHER_TOKEN_BUDGET)}
     for name, (batch_size, max_tokens) in ways.items():
         batches = budget_batches(lengths, batch_size, max_tokens)
         feats = [{k: v.to(device) if isinstance(v, torch.Tensor) else v
@@ -723,14 +723,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def bench(out_path: Path, work: Path, device: Any, tiny: bool) -> int:
-    """Teacher and student measurements into ``out_path`` (rewritten after each part, so a timeout keeps the rest)."""
+BENCH_PARTS = ("teacher", "teacher_fill", "student")
+
+
+def bench(out_path: Path, work: Path, device: Any, tiny: bool, only: Sequence[str] = BENCH_PARTS) -> int:
+    """Teacher and student measurements into ``out_path`` (rewritten after each part, so a timeout keeps the rest);
+    ``only``: the parts to run (all by default)."""
     import torch
 
     from distill.config import load_config
 
     student_dir = _paths(work)["student"]
-    if not (student_dir / "modules.json").is_file():
+    if "student" in only and not (student_dir / "modules.json").is_file():
         build_student_folder(student_dir, TINY_STUDENT if tiny else MPNET_BASE)
     cfg = load_config(REPO / "configs" / "default.yaml", TINY_OVERRIDES if tiny else ())
     if device.type == "cuda":
@@ -759,6 +763,8 @@ def bench(out_path: Path, work: Path, device: Any, tiny: bool) -> int:
         ("student", lambda: bench_student(device, student_dir, cfg, peak, steps=1 if tiny else 3, tiny=tiny)),
     ]
     for name, fn in parts:
+        if name not in only:
+            continue
         t0 = time.perf_counter()
         try:
             result[name] = fn()
@@ -820,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the built models, data and run "
                     "(default: a new temporary folder)")
     ap.add_argument("--stage", choices=("prepare", "bench", "record"), default="bench")
+    ap.add_argument("--parts", default=",".join(BENCH_PARTS),
+                    help=f"bench: comma-separated parts to run (default: all of {', '.join(BENCH_PARTS)})")
     ap.add_argument("--e2e-rc", type=int, default=None, help="record: the end-to-end run's exit status")
     ap.add_argument("--e2e-wall", type=float, default=0.0, help="record: its wall time in seconds")
     ap.add_argument("--e2e-nproc", type=int, default=1, help="record: its ranks")
@@ -848,7 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.e2e_rc is None:
             ap.error("--stage record needs --e2e-rc")
         return record(args.out, work, device, args.e2e_rc, args.e2e_wall, args.e2e_nproc, args.e2e_log)
-    return bench(args.out, work, device, args.tiny)
+    only = [p for p in args.parts.split(",") if p]
+    if unknown := sorted(set(only) - set(BENCH_PARTS)):
+        ap.error(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(BENCH_PARTS)}")
+    return bench(args.out, work, device, args.tiny, only)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 _KEY_DTYPE = np.dtype("<u8")
 _SHARD_SUFFIXES = (".json", ".emb.npy", ".keys.npy")
 _HASH_CHUNK = 65536
+# Token counts are measured chunk by chunk (texts longest first by characters): the first chunk is small (but at
+# least 4 batches, more than the fill's look-ahead), so the teacher starts at once, and each next one (doubling up to
+# the cap) is counted while the previous one encodes.
+_MEASURE_CHUNKS = (1024, 16384)
 # A *.tmp file younger than this may belong to a job writing right now, so it is not deleted.
 _TMP_GRACE_S = 3600.0
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -314,6 +318,27 @@ class CachedEmbeddings:
         return array
 
 
+def _measured_batches(texts: Sequence[str], measure: Callable[[list[str]], Any], batch_size: int,
+                      max_tokens: int | None, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    """:func:`token_budget_batches` (positions into ``texts``) of chunks of ``texts`` taken longest first by characters,
+    each chunk re-sorted by ``measure``'s token counts, which run on ``pool`` one chunk ahead (sizes
+    ``_MEASURE_CHUNKS``: the first small, then doubling), so the teacher waits only for the first chunk's count."""
+    by_chars = np.argsort(-np.fromiter(map(len, texts), np.int64, len(texts)), kind="stable")
+    size = max(_MEASURE_CHUNKS[0], 4 * batch_size)
+    limit = max(_MEASURE_CHUNKS[1], size)
+    chunks, start = [], 0
+    while start < len(by_chars):
+        chunks.append(by_chars[start : start + size])
+        start, size = start + size, min(2 * size, limit)
+
+    def plan(chunk: np.ndarray) -> list[np.ndarray]:
+        lengths = np.asarray(measure([texts[i] for i in chunk]), dtype=np.int64)
+        return [chunk[b] for b in token_budget_batches(lengths, batch_size, max_tokens)]
+
+    for batches in _ahead(pool, plan, chunks, depth=1):
+        yield from batches
+
+
 def _ahead(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """``fn(item)`` of each item in order, computed up to ``depth`` items ahead on ``pool``; its errors raise here."""
     queue: deque[Future] = deque()
@@ -431,7 +456,8 @@ class TeacherCache:
     ) -> int:
         """Encode and store every distinct text not cached yet; returns how many THIS rank encoded. Collective (same
         ``texts`` on every rank): the missing texts are dealt round-robin, each rank encodes its share longest first
-        (an out-of-memory batch shows at once) in :func:`token_budget_batches` of ``batch_size`` / ``max_tokens``.
+        (an out-of-memory batch shows at once) in :func:`token_budget_batches` of ``batch_size`` / ``max_tokens``,
+        chunk by chunk (:func:`_measured_batches`: token counts of the next chunk run while this one encodes).
         ``encode(batch_texts)`` -> [n, dim] (any device); if it also has ``lengths(texts)`` (token counts; else
         characters count) and ``prepare(texts)``, encode receives ``prepare``'s result, computed on a background thread
         while the previous batch runs. If anything raises, the rows already encoded are stored first."""
@@ -450,15 +476,16 @@ class TeacherCache:
         if len(mine):
             directory.mkdir(parents=True, exist_ok=True)
             share = _gather(texts, mine)
-            lengths = encode.lengths(share) if hasattr(encode, "lengths") else [len(t) for t in share]
-            batches = token_budget_batches(lengths, batch_size, max_tokens)
+            measure = getattr(encode, "lengths", None) or (lambda batch: [len(t) for t in batch])
             prepare = getattr(encode, "prepare", None) or (lambda batch: batch)
             buffer = _ShardBuffer(self, directory, index.dim)
             bar = tqdm(total=len(mine), disable=not (progress and info.is_main), unit="text", desc="teacher embeddings")
             try:
-                with ThreadPoolExecutor(1, thread_name_prefix="teacher-prepare") as pool:
-                    inputs = _ahead(pool, prepare, ([share[i] for i in batch] for batch in batches))
-                    for batch, features in zip(batches, inputs):
+                with ThreadPoolExecutor(1, thread_name_prefix="teacher-prepare") as pool, \
+                        ThreadPoolExecutor(1, thread_name_prefix="teacher-lengths") as counter:
+                    batches = _measured_batches(share, measure, batch_size, max_tokens, counter)
+                    inputs = _ahead(pool, lambda b: (b, prepare([share[i] for i in b])), batches)
+                    for batch, features in inputs:
                         buffer.add(keys[mine[batch]], encode(features))
                         bar.update(len(batch))
             finally:

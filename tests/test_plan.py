@@ -27,7 +27,7 @@ def test_default_recipe_on_8_gpus_has_no_warnings_and_states_assumptions(monkeyp
     plan = print_plan(load_config(DEFAULT), nproc=8)
     out = capsys.readouterr().out
     assert plan["warnings"] == [] and "warning" not in out
-    assert "assumed MFU: teacher 40%, student 20%" in out and "assumed: the caps' row counts" in out
+    assert "assumed MFU: teacher 40%, student 12%" in out and "assumed: the caps' row counts" in out
     assert 0 < plan["hours"] < 1.0  # the standard run on 8xH100 under an hour at the stated MFU
     phase1, phase2 = plan["phases"]
     assert (phase1["steps"], phase1["warmup"]) == (293, 29) and (phase2["steps"], phase2["warmup"]) == (366, 37)

@@ -73,6 +73,58 @@ def test_fill_with_a_budget_stores_the_same_vectors(tmp_path: Path) -> None:
     torch.testing.assert_close(cache.lookup(NS, texts)[list(range(60))], expected(texts), atol=0, rtol=0)
 
 
+def test_token_counts_run_chunk_by_chunk_while_the_teacher_encodes(tmp_path: Path, monkeypatch) -> None:
+    """The fill does not tokenise a rank's whole share before the first forward: the first chunk (longest texts by
+    characters) is counted, encoding starts, and each later chunk is counted meanwhile (here a later count waits for
+    the first encode call, which a count-everything-first fill would never make: the wait would time out)."""
+    import threading
+
+    monkeypatch.setattr(tc, "_MEASURE_CHUNKS", (4, 8))
+    texts = make_texts(40)
+    encoding = threading.Event()
+
+    class Chunked(TokenFake):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counted: list[list[str]] = []
+
+        def lengths(self, texts: list[str]) -> list[int]:
+            if self.counted and not encoding.wait(timeout=10):
+                raise AssertionError("a later chunk was counted before the teacher encoded anything")
+            self.counted.append(list(texts))
+            return super().lengths(texts)
+
+        def __call__(self, batch: list[str]) -> torch.Tensor:
+            encoding.set()
+            return super().__call__(batch)
+
+    enc = Chunked()
+    cache = TeacherCache(tmp_path, dtype="float32", shard_size=16)
+    assert cache.fill(NS, texts, enc, batch_size=1, progress=False) == 40
+    assert [len(c) for c in enc.counted] == [4, 8, 8, 8, 8, 4]  # small first, doubling up to the cap
+    longest = [max(map(len, c)) for c in enc.counted]
+    assert longest == sorted(longest, reverse=True) and longest[0] == max(map(len, texts))
+    torch.testing.assert_close(cache.lookup(NS, texts)[list(range(40))], expected(texts), atol=0, rtol=0)
+
+
+def test_first_counted_chunk_holds_at_least_four_batches(monkeypatch) -> None:
+    """A big batch (e.g. a token budget's 1,024-row cap) widens the first chunk, so the fill's look-ahead never waits
+    for the second chunk's count before the first forward."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(tc, "_MEASURE_CHUNKS", (4, 8))
+    texts, counted = make_texts(50), []
+
+    def measure(chunk: list[str]) -> list[int]:
+        counted.append(len(chunk))
+        return [len(t) for t in chunk]
+
+    with ThreadPoolExecutor(1) as pool:
+        batches = list(tc._measured_batches(texts, measure, 5, None, pool))
+    assert counted == [20, 20, 10] and [len(b) for b in batches] == [5] * 10
+    assert sorted(np.concatenate(batches).tolist()) == list(range(50))
+
+
 def test_background_write_error_surfaces_and_other_shards_stay(tmp_path: Path, monkeypatch) -> None:
     calls, real = [], tc._write_shard
 
