@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 import torch
+import yaml
 from torch import nn
 
 from distill.atomic import fresh_tmp_dir, replace_dir

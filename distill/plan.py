@@ -20,7 +20,8 @@ from distill.errors import ConfigError, DistillError
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 GPU_MEMORY_GB = {"H100": 80, "H200": 141, "A100": 80, "L4": 24}
 # Measured by scripts/gpu_check.sh on an H200 (docs/PERFORMANCE.md, "GPU acceptance run"), rounded down: the
-# teacher's cache fill (~43%), the eager MPNet student's phase-2 step (~13%; short phase-1 queries lower).
+# teacher's forward (48-53%; its cache fill projected to 28 layers 46%), the eager MPNet student's phase-2 step
+# (13%; short phase-1 queries lower).
 ASSUMED_MFU = {"teacher": 0.40, "student": 0.12}
 CHARS_PER_TOKEN = 4.0  # English text in BPE / WordPiece vocabularies, to turn characters into tokens unread
 ASSUMED_TOKENS = {"query": 12, "document": 80, "longest": 256}  # MS MARCO-like texts when the data is not readable
