@@ -39,7 +39,7 @@ class ModelConfig:
     # map (a lower MSE, at the cost of those similarities); both exact in the GELU MLP (hidden >= 2 * student_dim);
     # random: PyTorch's init
     head_init: Literal["procrustes", "least_squares", "random"] = "procrustes"
-    head_init_max_texts: int = 50000  # phase-1 texts (a seeded random subset) the least-squares start is fitted on
+    head_init_max_texts: int = 50000  # phase-1 texts (a seeded random subset) the head's start is fitted on
     model_name: str | None = None  # None: distilled-{student family}-{output dim}d
     teacher_revision: str | None = None
     student_revision: str | None = None
