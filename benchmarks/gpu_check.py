@@ -36,7 +36,6 @@ Without CUDA this prints one line and exits 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -194,28 +193,17 @@ def build_student_folder(out_dir: Path, shape: dict[str, int]) -> Path:
     return _atomic_build(out_dir, build)
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: Any):
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_teacher(shape: dict[str, int], device: Any, dtype: Any) -> Any:
     """A random-init ``Qwen2Model`` of ``shape`` allocated directly on ``device`` in ``dtype`` (no 28 GB fp32 copy on
     the host), SDPA attention, eval mode, no gradients."""
     import torch
+    from tiny_models import default_dtype
     from transformers import Qwen2Config, Qwen2Model
 
     config = Qwen2Config(**shape, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, use_cache=False,
                          attn_implementation="sdpa")
     torch.manual_seed(0)
-    with _default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), torch.device(device):
         model = Qwen2Model(config)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -379,12 +367,12 @@ def loaded_docstrings(n: int) -> list[str]:
         for name in sorted(sys.modules):
             try:
                 items = sorted(vars(sys.modules[name]).items())
-            except Exception:  # noqa: BLE001 - lazy or odd modules
+            except Exception:  # noqa: BLE001, S112 - lazy or odd modules: no docstrings to take
                 continue
             for _, obj in items:
                 try:
                     doc = inspect.getdoc(obj) if callable(obj) or inspect.isclass(obj) else None
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001, S112 - an object whose attributes raise has none either
                     continue
                 if doc and len(doc) > 20:
                     out.setdefault(doc)

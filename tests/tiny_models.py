@@ -13,6 +13,7 @@ modules, read with ``ast``) and the weights are drawn under a fixed torch seed.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import os
 import shutil
@@ -22,7 +23,7 @@ import sys
 import sysconfig
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -176,6 +177,17 @@ def _atomic_build(out_dir: Path, build) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside the block (new parameters are made in ``dtype``), restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_tiny_teacher(
     out_dir: str | os.PathLike, *, hidden: int = 48, layers: int = 2, with_st_config: bool = True,
     shape: dict[str, int] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -193,7 +205,7 @@ def build_tiny_teacher(
     def build(tmp: Path) -> None:
         tokenizer = _teacher_tokenizer()
         eos_id = tokenizer.convert_tokens_to_ids(TEACHER_EOS)
-        fields = dict(
+        fields = dict(  # noqa: C408 - keyword form, as Qwen2Config reads
             vocab_size=len(tokenizer),
             hidden_size=hidden,
             intermediate_size=2 * hidden,
@@ -208,13 +220,8 @@ def build_tiny_teacher(
         )
         config = Qwen2Config(**{**fields, **(shape or {})})
         torch.manual_seed(_SEED)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = Qwen2Model(config).eval()
-        finally:
-            torch.set_default_dtype(previous)
+        with default_dtype(dtype), torch.device(device):
+            model = Qwen2Model(config).eval()
         hf_dir = tmp / "hf" if with_st_config else tmp
         model.save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
