@@ -18,8 +18,6 @@ the stored vectors of the three runs are compared (max abs difference).
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import shutil
 import sys
@@ -37,17 +35,9 @@ MODULES = ("os", "json", "re", "collections", "pathlib", "argparse", "subprocess
 
 
 def docstring_texts(n: int) -> list[str]:
-    """Up to ``n`` distinct texts: stdlib docstrings and their first lines, in a fixed order."""
-    out: dict[str, None] = {}
-    for name in MODULES:
-        module = importlib.import_module(name)
-        for _, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if callable(obj) or inspect.isclass(obj) else None
-            if doc and len(doc) > 20:
-                out.setdefault(doc.splitlines()[0])
-                out.setdefault(doc)
-    texts = list(out)
-    return (texts * (n // max(len(texts), 1) + 1))[:n] if len(texts) < n else texts[:n]
+    """``n`` texts: distinct stdlib docstrings and their first lines in a fixed order, repeated if there are fewer."""
+    texts = C.docstrings(n, MODULES, first_lines=True)
+    return (texts * (n // max(len(texts), 1) + 1))[:n]
 
 
 def serial_fill(cache: Any, namespace: str, texts: list[str], encoder: Any, role: str, batch_size: int) -> None:

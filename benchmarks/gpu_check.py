@@ -122,25 +122,6 @@ def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
     return flops / seconds / peak
 
 
-def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices of ``lengths`` sorted longest first, cut into batches whose padded size ``rows x longest`` stays within
-    ``budget`` tokens (a text longer than the budget gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def fixed_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted longest first in batches of ``batch_size`` texts (how the teacher cache is filled)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def e2e_config(work: Path, teacher: Path, student: Path, files: dict[str, Path], *, teacher_dim: int,
                student_dim: int, steps: int = 3) -> dict[str, Any]:
     """The short two-phase run: ``steps`` optimizer steps per phase, bf16 where the GPU has it (precision auto),
@@ -280,16 +261,22 @@ def _random_batch(lengths: Sequence[int], vocab: int, device: Any, gen: Any) -> 
 
 def teacher_workloads(max_length: int, batch_texts: int, tiny: bool) -> dict[str, list[list[int]]]:
     """name -> list of batches, each a list of real lengths."""
+    import numpy as np
+
+    from distill.batches import token_budget_batches
+
     rng = random.Random(0)
     n_texts = 64 if tiny else 512
     lo, hi = TEACHER_MIXED_LENGTHS
     lo, hi = min(lo, max_length // 4), min(hi, max_length)
     mixed = [rng.randint(lo, hi) for _ in range(n_texts)]
     budget = 4096 if tiny else TEACHER_TOKEN_BUDGET
+    sorted_batches = token_budget_batches(np.array(mixed), batch_texts)  # the teacher cache's own batching
+    budget_batches = token_budget_batches(np.array(mixed), len(mixed), budget)
     return {
         f"fixed_{batch_texts}x{max_length}": [[max_length] * batch_texts for _ in range(2 if tiny else 4)],
-        f"sorted_{batch_texts}_mixed_{lo}_{hi}": [[mixed[i] for i in b] for b in fixed_batches(mixed, batch_texts)],
-        f"token_budget_{budget}_mixed_{lo}_{hi}": [[mixed[i] for i in b] for b in token_budget_batches(mixed, budget)],
+        f"sorted_{batch_texts}_mixed_{lo}_{hi}": [[mixed[i] for i in b] for b in sorted_batches],
+        f"token_budget_{budget}_mixed_{lo}_{hi}": [[mixed[i] for i in b] for b in budget_batches],
     }
 
 
@@ -355,38 +342,12 @@ def _teacher_pass(model: Any, inputs: list[tuple[Any, Any]]) -> None:
             torch.nn.functional.normalize(pool(hidden_states.float(), mask, "last_token"), dim=-1)
 
 
-def loaded_docstrings(n: int) -> list[str]:
-    """Up to ``n`` distinct docstrings (> 20 characters) of the objects in every imported module (torch and
-    transformers are: thousands), in module order: real prose and code of varied length, nothing downloaded."""
-    import inspect
-    import warnings
-
-    out: dict[str, None] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in sorted(sys.modules):
-            try:
-                items = sorted(vars(sys.modules[name]).items())
-            except Exception:  # noqa: BLE001, S112 - lazy or odd modules: no docstrings to take
-                continue
-            for _, obj in items:
-                try:
-                    doc = inspect.getdoc(obj) if callable(obj) or inspect.isclass(obj) else None
-                except Exception:  # noqa: BLE001, S112 - an object whose attributes raise has none either
-                    continue
-                if doc and len(doc) > 20:
-                    out.setdefault(doc)
-                    if len(out) >= n:
-                        return list(out)
-    return list(out)
-
-
 def bench_teacher_fill(device: Any, work: Path, shape: dict[str, int], layers: int, cfg: Any, peak: float | None,
                        n_texts: int) -> dict[str, Any]:
     """The project's own cache fill (``TeacherCache.fill`` over ``LazyTeacher``: tokenisation on a background thread,
     forward, one read-back per shard, sha256 + fsync shard writes) on a teacher with ``shape``'s layers, ``layers`` of
     them (per-layer work is the whole model's; the folder is a few GB, not 15), over real text
-    (:func:`loaded_docstrings`, document role, ``cfg.phase1.max_length``). Each way is timed against the forward alone
+    (:func:`benchmarks.common.docstrings` of the loaded modules, document role, ``cfg.phase1.max_length``). Each way is timed against the forward alone
     over the same batches: ``fill_efficiency`` = forward-only s / fill s (1.0: tokenisation and writes fully hidden)."""
     import numpy as np
     import torch
@@ -409,7 +370,7 @@ def bench_teacher_fill(device: Any, work: Path, shape: dict[str, int], layers: i
     teacher = LazyTeacher(spec, device, cfg.model.teacher_attn_implementation)
     encoder = teacher.load()
     role = "document"
-    texts = loaded_docstrings(n_texts)
+    texts = C.docstrings(n_texts)
     lengths = encoder.lengths(texts, role)
     net = encoder.st if encoder.st is not None else encoder.model
     n = C.non_embedding_params(net)

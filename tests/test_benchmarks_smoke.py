@@ -51,6 +51,23 @@ def test_inloop_teacher_texts() -> None:
 
 
 
+def test_docstrings_of_named_and_of_loaded_modules() -> None:
+    import inspect
+    import json as json_module
+
+    doc = inspect.getdoc(json_module.dumps)
+    assert len(C.docstrings(20, ["json", "textwrap"], first_lines=True)) == 20
+    with_first = C.docstrings(1000, ["json", "textwrap"], first_lines=True)  # all of them: fewer than 1000
+    assert len(with_first) == len(set(with_first)) < 1000
+    at = with_first.index(doc)
+    assert with_first[at - 1] == doc.splitlines()[0]  # each docstring right after its first line
+    plain = C.docstrings(1000, ["json", "textwrap"])
+    assert doc in plain and doc.splitlines()[0] not in plain and all(len(t) > 20 for t in plain)
+    assert C.docstrings(3, ["no_such_module_here", "json"]) == C.docstrings(3, ["json"])  # unimportable: skipped
+    loaded = C.docstrings(200)  # every loaded module (pytest, torch, ...): far more than 200
+    assert len(loaded) == len(set(loaded)) == 200 and all(len(t) > 20 for t in loaded)
+
+
 def test_store_overhead_reports_and_cleans_up(tmp_path: Path) -> None:
     (tmp_path / "keep").mkdir()
     result = bench_cache.store_overhead(tmp_path, n_texts=300, dim=8, shard_size=64, batch_size=32, lookup_batch=8,

@@ -70,18 +70,6 @@ def test_student_shape_is_mpnet_base():
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(109.5e6, rel=0.01)  # all-mpnet-base-v2
 
 
-def test_token_budget_batches():
-    lengths = [100, 512, 64, 300, 512, 200]
-    batches = G.token_budget_batches(lengths, 1024)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) * max(lengths[i] for i in b) <= 1024 or len(b) == 1
-        assert lengths[b[0]] == max(lengths[i] for i in b)  # longest first
-    assert batches[0] == [1, 4]
-    assert G.token_budget_batches([2000], 1024) == [[0]]
-    assert G.fixed_batches(lengths, 4) == [[1, 4, 3, 5], [0, 2]]
-
-
 def test_workloads_follow_default_config():
     from distill.config import load_config
 
@@ -93,7 +81,14 @@ def test_workloads_follow_default_config():
     assert len(w[1]["max_length_512"]["documents"]) == cfg.phase1.batch_size
     t = G.teacher_workloads(512, cfg.model.teacher_batch_size, tiny=False)
     assert t["fixed_32x512"][0] == [512] * 32
-    assert all(len(b) * max(b) <= 65536 for b in t["token_budget_65536_mixed_64_512"])
+    budget = t["token_budget_65536_mixed_64_512"]
+    assert all(len(b) * max(b) <= 65536 for b in budget)
+    sorted_ = t["sorted_32_mixed_64_512"]
+    assert [len(b) for b in sorted_] == [32] * 16  # 512 texts of 64-512 tokens
+    firsts = [b[0] for b in sorted_ + budget]
+    assert all(b[0] == max(b) for b in sorted_ + budget)  # longest first within each batch ...
+    assert firsts[:16] == sorted(firsts[:16], reverse=True)  # ... and across batches
+    assert sorted(x for b in budget for x in b) == sorted(x for b in sorted_ for x in b)  # the same texts
 
 
 def test_e2e_config_is_valid(tmp_path):
