@@ -39,7 +39,8 @@ class ModelConfig:
     # map (a lower MSE, at the cost of those similarities); both exact in the GELU MLP (hidden >= 2 * student_dim);
     # random: PyTorch's init
     head_init: Literal["procrustes", "least_squares", "random"] = "procrustes"
-    head_init_max_texts: int = 50000  # phase-1 texts (a seeded random subset) the head's start is fitted on
+    head_init_max_texts: int = 50000  # phase-1 texts (a seeded random subset) the head's (or MRL rotation's) start
+                                      # is fitted on
     model_name: str | None = None  # None: distilled-{student family}-{output dim}d
     teacher_revision: str | None = None
     student_revision: str | None = None
@@ -60,6 +61,10 @@ class ModelConfig:
     teacher_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: pip install 'distill[vllm]'
     matryoshka_dims: list[int] = field(default_factory=lambda: [768, 512, 256, 128, 64])
     matryoshka_weights: list[float] | None = None  # None: all 1
+    # MRL mode: pca inserts a d x d rotation after the student's pooling, started at the principal axes of its
+    # embeddings of phase-1 texts (at most head_init_max_texts): full-dim similarities unchanged, the first dims
+    # the ones with the most variance; none: the student's dims in their pretrained order
+    matryoshka_init: Literal["pca", "none"] = "none"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: sdpa where supported
 
     def validate(self) -> None:

@@ -117,7 +117,10 @@ def _card_sections(cfg: Config, data: Mapping[int, Any], evals: Mapping[str, Map
     else:
         lines.append(f"- **Mode:** Matryoshka (MRL), no head: {m.student_dim}-d embeddings whose first D dims, for D "
                      f"in {dims}, are each trained as an embedding of their own; load a smaller one with "
-                     "`SentenceTransformer(path, truncate_dim=D)`.")
+                     "`SentenceTransformer(path, truncate_dim=D)`."
+                     + (" A linear map after the pooling (Dense, no bias) started as the rotation onto the principal "
+                        "axes of the student's embeddings of the phase-1 texts (`model.matryoshka_init: pca`), so the "
+                        "first dims started as those with the most variance." if m.matryoshka_init == "pca" else ""))
     if 1 not in data:
         lines.append("- **Phase 1**: the weights of an earlier phase-1 run (`training.phase1_from`)")
     for p, d in data.items():

@@ -423,6 +423,47 @@ def set_head_to_affine_map(head: nn.Sequential, a: torch.Tensor, c: torch.Tensor
     second.bias.copy_(c.to(second.bias))
 
 
+def add_rotation(student: Any) -> nn.Module:
+    """Insert a ``d x d`` linear map without bias (a sentence-transformers Dense, identity activation, started as the
+    identity) into ``student`` after its pooling, before its Normalize module if it has one (else at the end), and
+    return it. It changes nothing until :func:`set_rotation`; as a module of the student it is trained, saved,
+    checkpointed and exported with it, and ``SentenceTransformer(path)`` loads it."""
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    d = int(student.get_embedding_dimension())
+    dense = Dense(d, d, bias=False, activation_function=nn.Identity(), init_weight=torch.eye(d))
+    modules = list(student._modules.values())
+    at = next((i for i, m in enumerate(modules) if isinstance(m, Normalize)), len(modules))
+    modules.insert(at, dense.to(next(student.parameters()).device))
+    student._modules.clear()
+    for i, module in enumerate(modules):
+        student._modules[str(i)] = module
+    return dense
+
+
+def pca_rotation(xtx: torch.Tensor, x_sum: torch.Tensor, n: int) -> torch.Tensor:
+    r"""The principal axes of embeddings x ([d]) as an orthogonal ``Q`` [d, d], from sums ranks can all-reduce.
+
+    With ``mu = x_sum / n`` and ``C = xtx / n - mu mu^T`` (``xtx = sum x x^T``), ``Q``'s columns are ``C``'s
+    eigenvectors by decreasing eigenvalue, each signed so its largest entry is positive (deterministic). ``x @ Q`` is
+    the same vector in those axes: every inner product (so full-dim retrieval) is unchanged, and its first m
+    coordinates are the m-dim subspace that keeps the most variance of the texts, which is what truncation to m
+    dims (Matryoshka) keeps. The rotation is not centred (no bias): cosine similarity needs the origin where it was.
+    """
+    mu = x_sum.double() / n
+    cov = xtx.double() / n - torch.outer(mu, mu)
+    _, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
+    q = vectors.flip(1)
+    signs = torch.sign(q.gather(0, q.abs().argmax(0, keepdim=True)))
+    return (q * signs).float()
+
+
+@torch.no_grad()
+def set_rotation(dense: nn.Module, q: torch.Tensor) -> None:
+    """Make the Dense from :func:`add_rotation` compute ``x @ q`` (its weight is ``q^T``: Linear computes x W^T)."""
+    dense.linear.weight.copy_(q.t().to(dense.linear.weight))
+
+
 class DistillModel(nn.Module):
     """Student (+ optional projection head) as one module, so DDP wraps a single forward per step.
 

@@ -46,7 +46,7 @@ from distill.config import Config, dump_config
 from distill.errors import ConfigError, DistillError, Preempted
 from distill.export import build_export_model, copy_tree_atomic, model_card, push_to_hub, save_model_atomic
 from distill.losses import EmbeddingMSECosineLoss, MatryoshkaSimilarityLoss, RetrievalDistillLoss
-from distill.models import DistillModel, backbone, build_projection_head, check_dims, load_student
+from distill.models import DistillModel, add_rotation, backbone, build_projection_head, check_dims, load_student
 from distill.sampling import LengthGroupedBatchSampler, check_enough, phase1_lengths, phase2_lengths
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,8 @@ class Trainer:
         check_dims(m, self.student, None)
         head = build_projection_head(m.student_dim, m.projection_hidden_dim, m.teacher_dim, t.seed) \
             if m.use_projection else None
+        # before any checkpoint is loaded: the rotation is part of the student's weights
+        self.rotation = add_rotation(self.student) if not m.use_projection and m.matryoshka_init == "pca" else None
         self.model = DistillModel(self.student, head).to(self.device)
         if t.cpu_tuning and not t.compile:  # inductor draws its own dropout masks inside fused kernels
             hardware.apply_cpu_tuning(self.student, self.device)
@@ -252,6 +254,8 @@ class Trainer:
         head = self.model.head is not None
         if phase == 1 and ckpt is None and head and cfg.model.head_init != "random":
             self._init_head_map(task)
+        if phase == 1 and ckpt is None and self.rotation is not None:
+            self._init_rotation(task)
         self._freeze_unused_parameters(phase, task, sampler)
         optimizer = _adamw(self.model, pcfg.learning_rate, pcfg.weight_decay, cfg.model.head_lr_multiplier)
         scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total_steps), total_steps)
@@ -372,19 +376,14 @@ class Trainer:
                                     dim_weights=m.matryoshka_weights, documents=p2.infonce_documents)
 
     @torch.no_grad()
-    def _init_head_map(self, task: PhaseTask, chunk: int = 64) -> None:
-        """Start the projection head as the ridge-regression map (``model.head_init: least_squares``,
-        :func:`distill.models.ridge_map`) or the best orthogonal map (``procrustes``, :func:`~distill.models.
-        procrustes_map`) from the (frozen, pretrained) student's embeddings to the teacher's over a seeded subset of
-        the phase-1 texts.
+    def _student_statistics(self, task: PhaseTask, chunk: int = 64) -> tuple[torch.Tensor, ...]:
+        """``(xtx [d, d], xty [d, D_t], x_sum [d], y_sum [D_t], n)`` summed over a seeded subset of at most
+        ``model.head_init_max_texts`` phase-1 texts: x the (frozen, pretrained) student's embedding, y the teacher's,
+        in float64 on the CPU.
 
-        Each rank embeds its share of the texts and sums the sufficient statistics; one all-reduce gives every rank
-        the same sums and so the same head. A random head would first have to be learnt from scratch while its
-        gradients disturb the pretrained student; this start is the best affine map at the cost of one student
-        forward per text.
+        Each rank embeds its share of the texts and sums; one all-reduce gives every rank the same sums, so the
+        starts fitted on them (:meth:`_init_head_map`, :meth:`_init_rotation`) are the same on every rank.
         """
-        from distill.models import procrustes_map, ridge_map, set_head_to_affine_map
-
         m = self.cfg.model
         items = np.asarray(task.data.examples)[:, :2]  # (role, row): 0 = query table, 1 = document table
         if len(items) > m.head_init_max_texts:
@@ -398,7 +397,6 @@ class Trainer:
                  torch.zeros(dt, dtype=torch.float64, device=self.device)]
         was_training = self.model.training
         self.model.eval()
-        t0 = time.perf_counter()
         for role in (0, 1):
             rows = mine[mine[:, 0] == role, 1]
             rows = rows[np.argsort(task.tables[role].lengths[rows], kind="stable")]  # length-sorted: little padding
@@ -410,17 +408,40 @@ class Trainer:
                 y = task.teacher_vectors(np.full(len(part), role), part).double()
                 for acc, value in zip(stats, (x.T @ x, x.T @ y, x.sum(0), y.sum(0))):
                     acc += value
+        self.model.train(was_training)
         n = torch.tensor([float(len(mine))], dtype=torch.float64, device=self.device)
         flat = D.all_reduce_sum(torch.cat([s.flatten() for s in stats] + [n])).cpu()
         xtx, xty, x_sum, y_sum, n_all = torch.split(flat, [d * d, d * dt, d, dt, 1])
-        if m.head_init == "procrustes":
-            a, c = procrustes_map(xty.view(d, dt))
-        else:
-            a, c = ridge_map(xtx.view(d, d), xty.view(d, dt), x_sum, y_sum, int(n_all.item()))
+        return xtx.view(d, d), xty.view(d, dt), x_sum, y_sum, int(n_all.item())
+
+    def _init_head_map(self, task: PhaseTask) -> None:
+        """Start the projection head as the ridge-regression map (``model.head_init: least_squares``,
+        :func:`distill.models.ridge_map`) or the best orthogonal map (``procrustes``, :func:`~distill.models.
+        procrustes_map`) from the student's embeddings to the teacher's (:meth:`_student_statistics`).
+
+        A random head would first have to be learnt from scratch while its gradients disturb the pretrained student;
+        this start is the best affine map at the cost of one student forward per text.
+        """
+        from distill.models import procrustes_map, ridge_map, set_head_to_affine_map
+
+        m = self.cfg.model
+        t0 = time.perf_counter()
+        xtx, xty, x_sum, y_sum, n = self._student_statistics(task)
+        a, c = procrustes_map(xty) if m.head_init == "procrustes" else ridge_map(xtx, xty, x_sum, y_sum, n)
         set_head_to_affine_map(self.model.head, a, c)
-        self.model.train(was_training)
-        log.info("projection head initialised by %s on %d phase-1 texts (%.1f s)", m.head_init.replace("_", " "),
-                 int(n_all.item()), time.perf_counter() - t0)
+        log.info("projection head initialised by %s on %d phase-1 texts (%.1f s)", m.head_init.replace("_", " "), n,
+                 time.perf_counter() - t0)
+
+    def _init_rotation(self, task: PhaseTask) -> None:
+        """MRL mode, ``model.matryoshka_init: pca``: start the student's rotation (:func:`distill.models.add_rotation`)
+        at the principal axes of its embeddings of phase-1 texts (:func:`~distill.models.pca_rotation`), so each
+        nested prefix starts as the subspace that keeps the most of the texts' variance."""
+        from distill.models import pca_rotation, set_rotation
+
+        t0 = time.perf_counter()
+        xtx, _, x_sum, _, n = self._student_statistics(task)
+        set_rotation(self.rotation, pca_rotation(xtx, x_sum, n))
+        log.info("MRL rotation initialised by PCA on %d phase-1 texts (%.1f s)", n, time.perf_counter() - t0)
 
     def _freeze_unused_parameters(self, phase: int, task: PhaseTask, sampler: LengthGroupedBatchSampler) -> None:
         """Parameters no loss ever reaches (e.g. the backbone's unused pooler) would make DDP wait forever for
