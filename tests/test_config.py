@@ -120,6 +120,7 @@ def test_mrl_yaml_is_mrl_mode_with_spec_values() -> None:
     assert cfg.model.output_dim == 768
     assert cfg.experiment == "distilled-mpnet-768d-mrl"
     assert cfg.model.matryoshka_dims == [768, 512, 256, 128, 64]
+    assert cfg.model.matryoshka_init == "pca"  # the recipe's choice; the dataclass default keeps the pretrained order
     for dotted, value in SPEC_VALUES.items():
         if dotted != "model.use_projection":
             assert_same_type_and_value(get(cfg, dotted), value)
