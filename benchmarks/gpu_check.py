@@ -347,8 +347,9 @@ def bench_teacher_fill(device: Any, work: Path, shape: dict[str, int], layers: i
     """The project's own cache fill (``TeacherCache.fill`` over ``LazyTeacher``: tokenisation on a background thread,
     forward, one read-back per shard, sha256 + fsync shard writes) on a teacher with ``shape``'s layers, ``layers`` of
     them (per-layer work is the whole model's; the folder is a few GB, not 15), over real text
-    (:func:`benchmarks.common.docstrings` of the loaded modules, document role, ``cfg.phase1.max_length``). Each way is timed against the forward alone
-    over the same batches: ``fill_efficiency`` = forward-only s / fill s (1.0: tokenisation and writes fully hidden)."""
+    (:func:`benchmarks.common.docstrings` of the loaded modules, document role, ``cfg.phase1.max_length``). Each way is
+    timed against the forward alone over the same batches: ``fill_efficiency`` = forward-only s / fill s (1.0:
+    tokenisation and writes fully hidden)."""
     import numpy as np
     import torch
     from tiny_models import build_tiny_teacher

@@ -376,10 +376,10 @@ class Trainer:
                                     dim_weights=m.matryoshka_weights, documents=p2.infonce_documents)
 
     @torch.no_grad()
-    def _student_statistics(self, task: PhaseTask, chunk: int = 64) -> tuple[torch.Tensor, ...]:
+    def _student_statistics(self, task: PhaseTask, teacher: bool = True, chunk: int = 64) -> tuple[torch.Tensor, ...]:
         """``(xtx [d, d], xty [d, D_t], x_sum [d], y_sum [D_t], n)`` summed over a seeded subset of at most
         ``model.head_init_max_texts`` phase-1 texts: x the (frozen, pretrained) student's embedding, y the teacher's,
-        in float64 on the CPU.
+        in float64 on the CPU. Without ``teacher`` no teacher vector is read and ``D_t`` is 0.
 
         Each rank embeds its share of the texts and sums; one all-reduce gives every rank the same sums, so the
         starts fitted on them (:meth:`_init_head_map`, :meth:`_init_rotation`) are the same on every rank.
@@ -390,7 +390,7 @@ class Trainer:
             pick = np.random.default_rng(self.cfg.training.seed).choice(len(items), m.head_init_max_texts, replace=False)
             items = items[np.sort(pick)]
         mine = items[self.info.rank :: self.info.world_size]
-        d, dt = m.student_dim, task.targets.dim
+        d, dt = m.student_dim, task.targets.dim if teacher else 0
         stats = [torch.zeros(d, d, dtype=torch.float64, device=self.device),
                  torch.zeros(d, dt, dtype=torch.float64, device=self.device),
                  torch.zeros(d, dtype=torch.float64, device=self.device),
@@ -405,7 +405,7 @@ class Trainer:
                 enc = task.pad(task.tables[role].input_ids(part), len(part))
                 with hardware.autocast(self.device, task.precision):
                     x = torch.cat([self.model.student_embedding(c) for c in enc.chunks])[enc.restore].double()
-                y = task.teacher_vectors(np.full(len(part), role), part).double()
+                y = task.teacher_vectors(np.full(len(part), role), part).double() if teacher else x[:, :0]
                 for acc, value in zip(stats, (x.T @ x, x.T @ y, x.sum(0), y.sum(0))):
                     acc += value
         self.model.train(was_training)
@@ -439,7 +439,7 @@ class Trainer:
         from distill.models import pca_rotation, set_rotation
 
         t0 = time.perf_counter()
-        xtx, _, x_sum, _, n = self._student_statistics(task)
+        xtx, _, x_sum, _, n = self._student_statistics(task, teacher=False)
         set_rotation(self.rotation, pca_rotation(xtx, x_sum, n))
         log.info("MRL rotation initialised by PCA on %d phase-1 texts (%.1f s)", n, time.perf_counter() - t0)
 
